@@ -1,0 +1,171 @@
+"""One LightningDataModule for every dataset source.
+
+It builds the three splits of a source, hides training labels with the missing-label simulator
+(once, on the full target matrix, so the mask is independent of workers and DDP ranks; val/test
+stay fully labelled), applies per-source transforms, optionally returns ``num_views`` augmented
+views per training sample, and yields dict batches::
+
+    {"input": [B, ...] or [B, V, ...], "target": LongTensor[B, C] in {1, 0, -1},
+     "index": LongTensor[B] (dataset index, for stateful losses)}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from mlcl.data import missing as missing_lib
+
+log = logging.getLogger(__name__)
+
+
+class LabeledSplit(Dataset):
+    """Wrap a source split with (possibly masked) targets, a transform and ``num_views`` views."""
+
+    def __init__(
+        self, source: Dataset, targets: Tensor, transform: Callable | None = None, num_views: int = 1
+    ) -> None:
+        if len(source) != targets.shape[0]:
+            raise ValueError(f"source has {len(source)} items but {targets.shape[0]} target rows")
+        self.source, self.targets, self.transform, self.num_views = source, targets, transform, num_views
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _view(self, x: Any) -> Tensor:
+        return self.transform(x) if self.transform is not None else x
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x = self.source[i]
+        if self.num_views == 1:
+            inp = self._view(x)
+        else:  # independent augmentations of the same sample
+            inp = torch.stack([self._view(x) for _ in range(self.num_views)])
+        return {"input": inp, "target": self.targets[i], "index": torch.tensor(i)}
+
+
+class MultiLabelDataModule(L.LightningDataModule):
+    """Datamodule over a source factory ``source(split=...) -> Dataset``.
+
+    Args:
+        source: callable (Hydra ``_partial_``) building one split: ``source(split="train")``.
+        batch_size: training batch size (per process).
+        eval_batch_size: val/test batch size (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        num_views: augmented views per training sample (2 for two-view contrastive losses).
+        augment: keyword arguments of the source's ``make_transform(train=True, ...)``.
+        missing: missing-label config (``mode``, ``rate``, ``seed``, ``path``), training split only.
+        drop_last: drop the last incomplete training batch.
+        iterations_per_epoch: fixed number of training batches per epoch drawn from an endless,
+            reshuffled stream (MulSupCon's "epoch = 1000 iterations"); None = one pass.
+    """
+
+    def __init__(
+        self,
+        source: Callable[..., Dataset],
+        *,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        num_views: int = 1,
+        augment: dict[str, Any] | None = None,
+        missing: dict[str, Any] | None = None,
+        drop_last: bool = False,
+        persistent_workers: bool = False,
+        iterations_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_views < 1:
+            raise ValueError(f"data.num_views must be >= 1, got {num_views}")
+        self.source = source
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.num_views = int(num_views)
+        self.augment = dict(augment or {})
+        self.missing = dict(missing or {"mode": "none"})
+        self.drop_last = bool(drop_last)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.iterations_per_epoch = int(iterations_per_epoch) if iterations_per_epoch else None
+        self.splits: dict[str, Dataset] = {}
+        self.label_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = {s: self.source(split=s) for s in ("train", "val", "test")}
+        train = raw["train"]
+        sizes = {s: d.targets.shape[1] for s, d in raw.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"splits disagree on the number of classes: {sizes}")
+        self.num_classes = int(train.targets.shape[1])
+        self.class_names = list(getattr(train, "class_names", [str(c) for c in range(self.num_classes)]))
+        self.input_kind = getattr(train, "input_kind", "image")
+
+        full = train.targets.long()
+        observed = missing_lib.apply_missing(
+            full,
+            mode=self.missing.get("mode", "none"),
+            rate=float(self.missing.get("rate", 0.0)),
+            seed=int(self.missing.get("seed", 0)),
+            path=self.missing.get("path"),
+            file_names=getattr(train, "file_names", None),
+        )
+        self.label_stats = missing_lib.label_stats(full, observed)
+        self.train_targets = observed
+        make_tf = getattr(type(train), "make_transform", None)
+        train_tf = make_tf(True, **self.augment) if make_tf else None
+        eval_tf = make_tf(False, **self.augment) if make_tf else None
+        self.splits = {
+            "train": LabeledSplit(train, observed, train_tf, self.num_views),
+            "val": LabeledSplit(raw["val"], raw["val"].targets.long(), eval_tf),
+            "test": LabeledSplit(raw["test"], raw["test"].targets.long(), eval_tf),
+        }
+        log.info(
+            "data: %s train / %s val / %s test, %d classes; missing=%s -> %s",
+            len(train),
+            len(raw["val"]),
+            len(raw["test"]),
+            self.num_classes,
+            self.missing,
+            self.label_stats,
+        )
+
+    @property
+    def num_train(self) -> int:
+        return len(self.splits["train"])
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        sampler = None
+        if train and self.iterations_per_epoch:
+            # without replacement, num_samples > len concatenates fresh permutations
+            sampler = RandomSampler(
+                self.splits[split], num_samples=self.iterations_per_epoch * self.batch_size
+            )
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=self.drop_last if train else False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
