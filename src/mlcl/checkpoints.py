@@ -46,42 +46,130 @@ def checkpoint_weights(
     return ckpt["state_dict"]
 
 
-def load_init_weights(
-    module: nn.Module, path: str | Path, weights: str = "ema", prefixes: Sequence[str] | None = None
-) -> list[str]:
-    """Copy matching tensors of a checkpoint into ``module`` (strict within ``prefixes``).
+# Hyper-parameters of a run that fix the shapes of backbone and head tensors (compared on a mismatch).
+_ARCH_CONFIG_KEYS = ("backbone", "loss._target_", "loss.head_kwargs", "data_name")
 
-    Every tensor of ``module`` under ``prefixes`` (default: all but the loss plugin's) must exist in
-    the checkpoint with the same shape; otherwise a ValueError lists what differs. Returns loaded keys.
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _pick(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def config_differences(ckpt: dict[str, Any], module: nn.Module) -> list[str]:
+    """Config keys that fix tensor shapes and differ between the run that wrote ``ckpt`` and ``module``.
+
+    Compares ``num_classes`` and the run configs' ``backbone.*`` (except ``pretrained``),
+    ``loss._target_``, ``loss.head_kwargs.*`` and ``data_name``. Entries read
+    ``"key (checkpoint A, this run B)"``; empty when either side has no saved config.
     """
-    ckpt = read_checkpoint(path)
-    state = checkpoint_weights(ckpt, weights)
+    theirs = ckpt.get("hyper_parameters") or {}
+    ours = dict(getattr(module, "hparams", {}) or {})
+    diffs = []
+    if "num_classes" in theirs and "num_classes" in ours and theirs["num_classes"] != ours["num_classes"]:
+        diffs.append(
+            f"num_classes, i.e. the data (checkpoint {theirs['num_classes']}, this run {ours['num_classes']})"
+        )
+    src, dst = theirs.get("run_config") or {}, ours.get("run_config") or {}
+    if not (src and dst):
+        return diffs
+    for key in _ARCH_CONFIG_KEYS:
+        a, b = _flat(_pick(src, key), key), _flat(_pick(dst, key), key)
+        for k in sorted(set(a) | set(b)):
+            if k != "backbone.pretrained" and a.get(k) != b.get(k):
+                diffs.append(f"{k} (checkpoint {a.get(k)!r}, this run {b.get(k)!r})")
+    return diffs
+
+
+def _config_key(module: nn.Module, path: str | Path) -> str:
+    """The config key the user set to ``path``: e.g. ``stage1_ckpt`` when ``init_ckpt: ${stage1_ckpt}``."""
+    run_config = (getattr(module, "hparams", {}) or {}).get("run_config") or {}
+    for k, v in run_config.items():
+        if (
+            k.endswith("_ckpt")
+            and k not in ("init_ckpt", "ckpt_path")
+            and v is not None
+            and str(v) == str(path)
+        ):
+            return k
+    return "init_ckpt"
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = "; ".join(items[:limit])
+    return shown + (f"; ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_init_weights(
+    module: nn.Module,
+    path: str | Path,
+    weights: str = "ema",
+    prefixes: Sequence[str] | None = None,
+    key: str | None = None,
+) -> list[str]:
+    """Copy the tensors under ``prefixes`` of a checkpoint into ``module``, strictly.
+
+    Every tensor of ``module`` under ``prefixes`` (default ``backbone`` and ``head``; the loss plugin's,
+    e.g. MulCon's projector, stay fresh) must exist in the checkpoint with the same shape, and the
+    checkpoint must have no other tensors under them; otherwise a ValueError lists the differing tensors
+    and config keys. ``weights``: "ema" (the EMA copy, an error if there is none), "raw" or "auto".
+    ``key``: the config key named in errors (default: the ``*_ckpt`` key of the module's run config that
+    holds ``path``, e.g. ``stage1_ckpt``, else ``init_ckpt``). Returns the loaded keys.
+    """
+    key = key or _config_key(module, path)
+    ckpt = read_checkpoint(path, key=key)
+    try:
+        state = checkpoint_weights(ckpt, weights)
+    except ValueError as err:
+        raise ValueError(f"{key}={str(path)!r}: {err}") from None
     own = module.state_dict()
     prefixes = tuple(prefixes) if prefixes else ("backbone.", "head.")
     prefixes = tuple(p if p.endswith(".") else p + "." for p in prefixes)
     wanted = [k for k in own if k.startswith(prefixes)]
     missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k.startswith(prefixes) and k not in own]
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in wanted
         if k in state and state[k].shape != own[k].shape
     ]
-    if missing or mismatched:
-        src_cfg = (ckpt.get("hyper_parameters") or {}).get("run_config") or {}
-        hint = ""
-        if src_cfg:
-            hint = (
-                f" The checkpoint was trained with backbone={src_cfg.get('backbone', {}).get('name')} "
-                f"loss={src_cfg.get('loss_name')} data={src_cfg.get('data_name')}."
-            )
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} tensors with other shapes: {_listing(mismatched)}")
+        if missing:
+            parts.append(f"{len(missing)} tensors missing from the checkpoint: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors the model does not have: {_listing(unexpected)}")
+        diffs = config_differences(ckpt, module)
+        if diffs:
+            hint = f" Config keys that differ from the run that wrote it: {_listing(diffs)}."
+        else:
+            hint = ""
         raise ValueError(
-            f"init_ckpt={str(path)!r} does not fit this model: {len(missing)} missing tensors "
-            f"{missing[:4]}, {len(mismatched)} with other shapes {mismatched[:4]}.{hint} "
-            "Use the same backbone, "
-            "head settings (e.g. loss.head_kwargs) and number of classes as the run that wrote it."
+            f"{key}={str(path)!r} does not fit this model (loading {', '.join(p[:-1] for p in prefixes)} "
+            f"strictly from {weights} weights): {'. '.join(parts)}.{hint} Use the same backbone.*, "
+            "loss.head_kwargs.* and data (number of classes) as the run that wrote it."
         )
     module.load_state_dict({k: state[k] for k in wanted}, strict=False)
     log.info(
-        "initialised %d tensors (%s) from %s [%s weights]", len(wanted), ", ".join(prefixes), path, weights
+        "initialised %d tensors (%s) from %s=%s [%s weights]",
+        len(wanted),
+        ", ".join(prefixes),
+        key,
+        path,
+        weights,
     )
     return wanted

@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mlcl import runs
@@ -30,6 +30,13 @@ def input_shape(dm: MultiLabelDataModule) -> dict[str, int]:
     if x.dim() == 1:
         return {"in_features": int(x.shape[0]), "in_chans": 1}
     return {"in_chans": int(x.shape[0])}
+
+
+def num_views(cfg: DictConfig) -> int:
+    """``data.num_views``, or when it is null the number of views the loss needs (2 for SupCon-style)."""
+    if cfg.data.get("num_views") is not None:
+        return int(cfg.data.num_views)
+    return int(getattr(get_class(cfg.loss._target_), "num_views", 1))
 
 
 def chance_map(dm: MultiLabelDataModule) -> float:
@@ -93,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     dm: MultiLabelDataModule = instantiate(
-        cfg.data, missing=OmegaConf.to_container(cfg.missing, resolve=True)
+        cfg.data, missing=OmegaConf.to_container(cfg.missing, resolve=True), num_views=num_views(cfg)
     )
     dm.setup("fit")
     module = build_module(cfg, dm)

@@ -191,10 +191,10 @@ def test_coco_targets_class_order_and_splits(tmp_path):
 
 
 def test_coco_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data\.source\.root"):
+    with pytest.raises(FileNotFoundError, match=r"data\.root"):
         COCOSource("train", root=str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"instances_train2014\.json.*data\.source\.root"):
+    with pytest.raises(FileNotFoundError, match=r"instances_train2014\.json.*data\.root"):
         COCOSource("train", root=str(tmp_path / "empty"))
     make_fake_coco(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match=r"instances_val2017\.json"):
@@ -281,10 +281,10 @@ def test_voc_splits_and_layouts(tmp_path):
 
 
 def test_voc_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data\.source\.root"):
+    with pytest.raises(FileNotFoundError, match=r"data\.root"):
         VOCSource("train", root=str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"VOC2007/ImageSets/Main.*data\.source\.root"):
+    with pytest.raises(FileNotFoundError, match=r"VOC2007/ImageSets/Main.*data\.root"):
         VOCSource("train", root=str(tmp_path / "empty"))
     root = make_fake_voc(tmp_path / "v")
     with pytest.raises(FileNotFoundError, match=r"aeroplane_val\.txt"):
@@ -351,7 +351,7 @@ def test_nuswide_errors(tmp_path):
         NUSWideSource("train", root=str(images), train_list=str(big), test_list=str(tmp_path / "test.txt"))
     with pytest.raises(FileNotFoundError, match=r"data\.source\.train_list"):
         NUSWideSource("train", root=str(images), train_list=str(tmp_path / "no.txt"), test_list="x")
-    with pytest.raises(FileNotFoundError, match=r"data\.source\.root"):
+    with pytest.raises(FileNotFoundError, match=r"data\.root"):
         NUSWideSource(
             "test", root=str(tmp_path / "noimg"), train_list="x", test_list=str(tmp_path / "test.txt")
         )
@@ -533,7 +533,7 @@ def test_arrays_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"nothere\.h5.*data\.source\.val_path"):
         ArraySource("train", **{**three, "val_path": str(tmp_path / "nothere.h5")})
-    with pytest.raises(FileNotFoundError, match=r"data\.source\.path"):
+    with pytest.raises(FileNotFoundError, match=r"data\.path"):
         ArraySource("train", path=str(tmp_path / "nothere.npz"))
     with pytest.raises(FileNotFoundError, match=r"data\.source\.test_path"):
         ArraySource("train", train_path=str(good), val_path=str(good))
@@ -657,6 +657,7 @@ def test_yeast_config_resolves_from_repo_root(yeast_dir, monkeypatch):
     """conf/data/yeast.yaml points at ../shared/data/yeast relative to the repository root."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
     from tests.conftest import REPO, compose
 
     monkeypatch.chdir(REPO)

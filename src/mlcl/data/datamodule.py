@@ -58,7 +58,9 @@ class MultiLabelDataModule(L.LightningDataModule):
         batch_size: training batch size (per process).
         eval_batch_size: val/test batch size (default: ``batch_size``).
         num_workers: DataLoader workers.
-        num_views: augmented views per training sample (2 for two-view contrastive losses).
+        num_views: augmented views per training sample (2 for two-view contrastive losses); None = 1.
+        root, path: the data location (a folder or a file). The YAMLs interpolate them into ``source``
+            so that ``data.root=...`` / ``data.path=...`` is all a user types; unused here otherwise.
         augment: keyword arguments of the source's ``make_transform(train=True, ...)``.
         missing: missing-label config (``mode``, ``rate``, ``seed``, ``path``), training split only.
         drop_last: drop the last incomplete training batch.
@@ -74,7 +76,9 @@ class MultiLabelDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
-        num_views: int = 1,
+        num_views: int | None = 1,
+        root: str | None = None,
+        path: str | None = None,
         augment: dict[str, Any] | None = None,
         missing: dict[str, Any] | None = None,
         drop_last: bool = False,
@@ -82,8 +86,10 @@ class MultiLabelDataModule(L.LightningDataModule):
         iterations_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
+        num_views = 1 if num_views is None else int(num_views)
         if num_views < 1:
             raise ValueError(f"data.num_views must be >= 1, got {num_views}")
+        self.root, self.path = root, path
         self.source = source
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)

@@ -86,6 +86,8 @@ class LossPlugin(nn.Module):
     spatial: ClassVar[bool] = False
     #: how unobserved (-1) targets are treated, shown in docs and ``mlcl-bench``
     unknown_policy: ClassVar[str] = "treated as negative"
+    #: views per training sample the loss needs when ``data.num_views`` is left null (two-view losses: 2)
+    num_views: ClassVar[int] = 1
     #: head keyword arguments used unless the YAML's ``head_kwargs`` overrides them
     default_head_kwargs: ClassVar[dict[str, Any]] = {}
 

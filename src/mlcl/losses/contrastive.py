@@ -236,6 +236,8 @@ class SupCon(_ProjectedContrastive):
     ``"simclr"`` (only other views of the same sample; needs ``data.num_views >= 2``).
     """
 
+    num_views = 2
+
     def __init__(
         self,
         *,
@@ -316,6 +318,8 @@ class MulSupCon(_ProjectedContrastive):
     encoder (copy of ``model.backbone`` + of the projector) is made by :meth:`attach`, which the
     training module must call before loading a checkpoint (its weights are part of the state dict).
     """
+
+    num_views = 2
 
     def __init__(
         self,

@@ -312,14 +312,14 @@ class ArraySource(Dataset):
         per_split = {"train": train_path, "val": val_path, "test": test_path}
         given = [s for s, p in per_split.items() if p not in (None, "", "???")]
         if path not in (None, "", "???") and given:
-            raise ValueError("set either data.source.path or data.source.{train,val,test}_path, not both")
+            raise ValueError("set either data.path or data.source.{train,val,test}_path, not both")
         if given:
             absent = [f"data.source.{s}_path" for s in SPLITS if s not in given]
             if absent:
                 raise FileNotFoundError(f"the three-file form needs all of train/val/test; set {absent}")
             files = tuple((s, str(per_split[s]), f"data.source.{s}_path") for s in SPLITS)
         else:
-            files = (("", "" if path in (None, "???") else str(path), "data.source.path"),)
+            files = (("", "" if path in (None, "???") else str(path), "data.path"),)
         if split_key is not None and ("{split}" in feature_key or "{split}" in target_key):
             raise ValueError("data.source.split_key cannot be combined with '{split}' keys")
         loaded = load_splits(

@@ -97,17 +97,17 @@ class COCOSource(ImageListSource):
         year = int(year)
         if year not in YEARS:
             raise ValueError(f"data.source.year must be one of {YEARS}, got {year}")
-        root_p = require_path(root, "data.source.root", "COCO root", is_dir=True)
+        root_p = require_path(root, "data.root", "COCO root", is_dir=True)
         part = "train" if split == "train" or (split == "val" and val_from_train) else "val"
         ann_dir = Path(annotations_dir) if annotations_dir else root_p / "annotations"
-        ann_key = "data.source.annotations_dir" if annotations_dir else "data.source.root"
+        ann_key = "data.source.annotations_dir" if annotations_dir else "data.root"
         ann_file = require_path(
             ann_dir / f"instances_{part}{year}.json", ann_key, f"COCO {part}{year} annotations"
         )
         dirs = dict(image_dirs or {})
         img_dir = Path(dirs[part]) if part in dirs else root_p / f"{part}{year}"
         if not img_dir.is_dir():
-            key = f"data.source.image_dirs.{part}" if part in dirs else "data.source.root"
+            key = f"data.source.image_dirs.{part}" if part in dirs else "data.root"
             raise FileNotFoundError(f"COCO image folder {str(img_dir)!r} not found; set {key}")
 
         names, ids, targets, class_names = _read_instances(

@@ -80,7 +80,7 @@ class NUSWideSource(ImageListSource):
         check_files: str = "none",
     ) -> None:
         check_split(split)
-        root_p = require_path(root, "data.source.root", "NUS-WIDE image root", is_dir=True)
+        root_p = require_path(root, "data.root", "NUS-WIDE image root", is_dir=True)
         holdout = split in ("train", "val") and val_list is None and bool(val_from_train)
         if split == "train" or (split == "val" and holdout):
             key, path = "train_list", train_list

@@ -43,12 +43,12 @@ DEFAULT_SPLIT_MAP = {
 
 
 def _year_dir(root: str, year: int) -> Path:
-    base = require_path(root, "data.source.root", "VOC root", is_dir=True)
+    base = require_path(root, "data.root", "VOC root", is_dir=True)
     for cand in (base / f"VOC{year}", base / "VOCdevkit" / f"VOC{year}", base):
         if (cand / "ImageSets" / "Main").is_dir():
             return cand
     raise FileNotFoundError(
-        f"no VOC{year}/ImageSets/Main under {str(base)!r}; set data.source.root to the VOCdevkit folder"
+        f"no VOC{year}/ImageSets/Main under {str(base)!r}; set data.root to the VOCdevkit folder"
     )
 
 
@@ -62,7 +62,7 @@ def read_image_set(main_dir: Path, image_set: str, class_names: tuple[str, ...] 
     for name in class_names:
         path = require_path(
             main_dir / f"{name}_{image_set}.txt",
-            "data.source.root (or data.source.split_map)",
+            "data.root (or data.source.split_map)",
             f"VOC labels of class {name!r}, image set {image_set!r}",
         )
         entries: dict[str, int] = {}
