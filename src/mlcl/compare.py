@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-GROUP_KEYS = ["experiment", "loss", "backbone", "data", "missing_mode", "missing_rate"]
+GROUP_KEYS = ["experiment", "tag", "loss", "backbone", "data", "missing_mode", "missing_rate"]
 
 
 def load_runs(root: Path) -> pd.DataFrame:
@@ -52,6 +52,7 @@ def load_runs(root: Path) -> pd.DataFrame:
         )
     df = pd.DataFrame(rows)
     df["experiment"] = df["experiment"].fillna("-")
+    df["tag"] = df["tag"].fillna("-")
     return df
 
 

@@ -142,6 +142,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "missing_mode": cfg.missing.get("mode", "none"),
             "missing_rate": cfg.missing.get("rate", 0.0),
             "experiment": cfg.get("experiment_name"),
+            "tag": cfg.get("tag"),
+            "init_ckpt": cfg.get("init_ckpt"),
             "epochs": trainer.current_epoch,
             "skipped_steps": module.skipped_steps,
             "duration_s": time.time() - start,
