@@ -169,9 +169,20 @@ def test_kmcl_coco_experiment_starts_on_a_local_coco(tmp_path: Path):
 
 def test_ddp_two_cpu_processes_with_gathered_contrastive_loss(tmp_path: Path):
     """trainer=ddp on 2 CPU processes (gloo): SupCon gathers embeddings across ranks; one metrics.json."""
-    run_cli("mlcl.train", ["loss=supcon", "loss.gather=true", "trainer=ddp", "trainer.accelerator=cpu",
-                           "trainer.devices=2", "trainer.precision=32-true", *SMALL, "trainer.max_epochs=1",
-                           f"hydra.run.dir={tmp_path}"])
+    run_cli(
+        "mlcl.train",
+        [
+            "loss=supcon",
+            "loss.gather=true",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            *SMALL,
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+    )
     assert len(list(tmp_path.glob("metrics*.json"))) == 1
     assert results(tmp_path)["test"]["mAP"] > 0
 
@@ -179,8 +190,34 @@ def test_ddp_two_cpu_processes_with_gathered_contrastive_loss(tmp_path: Path):
 @pytest.mark.parametrize("loss", ["kmcl", "mulcon", "clml"])
 def test_bf16_mixed_precision_stays_finite(loss: str, tmp_path: Path):
     extra = ["loss.head_kwargs.embed_dim=32", "loss.head_kwargs.num_pixel_blocks=1", "loss.proj_hidden=32"]
-    run_cli("mlcl.train", [f"loss={loss}", "trainer.precision=bf16-mixed", *SMALL, "trainer.max_epochs=1",
-                           *(extra if loss == "mulcon" else []), f"hydra.run.dir={tmp_path}"])
+    run_cli(
+        "mlcl.train",
+        [
+            f"loss={loss}",
+            "trainer.precision=bf16-mixed",
+            *SMALL,
+            "trainer.max_epochs=1",
+            *(extra if loss == "mulcon" else []),
+            f"hydra.run.dir={tmp_path}",
+        ],
+    )
     res = results(tmp_path)
     assert res["run"]["skipped_steps"] == 0  # a non-finite loss would have raised
     assert res["test"]["mAP"] > 0
+
+
+def test_optuna_sweep_returns_best_val_map(tmp_path: Path):
+    run_cli(
+        "mlcl.train",
+        [
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=1",
+            *SMALL,
+            "trainer.max_epochs=1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+    )
+    best = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    trials = [results(p.parent)["best_val"] for p in tmp_path.glob("*/metrics.json")]
+    assert len(trials) == 2 and best.best_value == pytest.approx(max(trials))

@@ -118,6 +118,15 @@ def compose(overrides: Sequence[str]) -> Any:
         return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 
+def _compose_stage(stage: str, overrides: list[str]) -> Any:
+    from hydra.errors import HydraException
+
+    try:
+        return compose(overrides)
+    except HydraException as err:  # unknown key or group, parse error: say which stage
+        raise PipelineError(f"{stage}: {err}".strip()) from err
+
+
 @contextlib.contextmanager
 def hydra_runtime(cfg: Any, run_dir: Path) -> Iterator[Any]:
     """Make ``cfg`` the current Hydra job (run dir ``run_dir``) and yield the task config (no ``hydra``).
@@ -320,8 +329,8 @@ def run_pipeline(
 
     # Compose and check both stages first: a typo in a stage-two override should not cost a stage-one run.
     ovs1 = stage_overrides("stage1", groups, dirs["stage1"], None)
-    cfg1 = compose(ovs1)
-    cfg2 = compose(stage_overrides("stage2", groups, dirs["stage2"], None))
+    cfg1 = _compose_stage("stage1", ovs1)
+    cfg2 = _compose_stage("stage2", stage_overrides("stage2", groups, dirs["stage2"], None))
     check_stage_configs(describe_stage(cfg1, dirs["stage1"]), describe_stage(cfg2, dirs["stage2"]))
     cmd = "python -m mlcl.train"
     if dry_run:

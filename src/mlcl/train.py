@@ -179,6 +179,8 @@ def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
     metric = cfg.get("optimized_metric")
     if metric:
+        if metric == cfg.monitor and results.get("best_val") is not None:
+            return float(results["best_val"])  # the checkpointed (best-epoch) value
         split, _, key = metric.partition("/")
         value = results.get(split, {}).get(key)
         return float(value) if value is not None else None
