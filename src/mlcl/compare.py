@@ -99,14 +99,13 @@ def _new_path(path: Path) -> Path:
 
 def plot(df: pd.DataFrame, x: str, metric: str, line: str, out: Path) -> Path:
     """Line plot of ``metric`` (mean ± std over seeds) against ``x``, one line per value of ``line``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure (no pyplot): renders off-screen without touching the global backend
+    from matplotlib.figure import Figure
 
     if x not in df.columns:
         raise KeyError(f"--plot {x!r} is not a run field; choose one of {', '.join(GROUP_KEYS)}")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, sub in df.groupby(line, dropna=False):
         stats = sub.groupby(x)[metric].agg(["mean", "std"]).fillna(0.0).sort_index()
         ax.errorbar(
@@ -124,7 +123,6 @@ def plot(df: pd.DataFrame, x: str, metric: str, line: str, out: Path) -> Path:
     fig.tight_layout()
     path = _new_path(out / f"{metric.replace('.', '_')}_vs_{x}.png")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
