@@ -100,7 +100,7 @@ def test_pipeline_runs_both_stages_and_prints_test_map(pipeline_run):
         assert 0.0 <= res["test"]["mAP"] <= 100.0
     # stage one validated once, so its best-by-val checkpoint exists and is the one handed over
     assert summary["stage1_ckpt"] == str(out / "stage1" / "checkpoints" / "best.ckpt")
-    assert "best validation" in summary["stage1_ckpt_reason"]
+    assert summary["stage1_ckpt_reason"].startswith("best val/mAP = ")
     assert f"initialised from {summary['stage1_ckpt']}" in proc.stdout
 
 
@@ -290,16 +290,16 @@ def test_pipeline_never_overwrites_existing_runs(pipeline_run):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["stage1.loss.head_kwargs.embed_dim=16"], "loss.head_kwargs.embed_dim (stage1 16, stage2 32)"),
-        (["stage2.backbone.width=8"], "backbone.width (stage1 16, stage2 8)"),
-        (["stage2.loss.head_kwargs.nope=1"], "stage2: Could not override 'loss.head_kwargs.nope'"),
-        (["stage1.ema.decay=null"], "ema.decay is null"),
-        (["data=coco"], "needs a value for data.root"),
+        ([*SMALL, "stage1.loss.head_kwargs.embed_dim=16"], "head_kwargs.embed_dim (stage1 16, stage2 32)"),
+        ([*SMALL, "stage2.backbone.width=8"], "backbone.width (stage1 16, stage2 8)"),
+        ([*SMALL, "stage2.loss.head_kwargs.nope=1"], "stage2: Could not override 'loss.head_kwargs.nope'"),
+        ([*SMALL, "stage1.ema.decay=null"], "ema.decay is null"),
+        (["data=coco", "backbone=small_cnn"], "stage1 needs a value for data.root"),
     ],
 )
 def test_pipeline_checks_both_configs_before_training(tmp_path, overrides, message):
     with pytest.raises(mp.PipelineError) as err:
-        mp.run_pipeline([*SMALL, *overrides], tmp_path / "out", in_process=True)
+        mp.run_pipeline(overrides, tmp_path / "out", in_process=True)
     assert message in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -321,7 +321,7 @@ def test_select_stage1_checkpoint(tmp_path):
     best = ckpts / "best.ckpt"
     best.write_bytes(b"x")
     path, reason = mp.select_stage1_checkpoint(tmp_path, {"best_ckpt": str(best), "best_val": 41.234})
-    assert path == best and "41.23" in reason
+    assert path == best and reason == "best val/mAP = 41.23"
     # no validation score (e.g. no val loop): the last checkpoint, said so
     path, reason = mp.select_stage1_checkpoint(tmp_path, {"best_ckpt": None, "best_val": None})
     assert path == ckpts / "last.ckpt" and "last" in reason
@@ -341,7 +341,7 @@ def test_hydra_value_quotes_paths():
 
 
 def test_dry_run_prints_commands_and_creates_nothing(tmp_path, capsys):
-    assert mp.main(["--dry-run", "--out", str(tmp_path / "out"), *SMALL, "stage2.trainer.max_epochs=3"]) == 0
+    assert mp.main(["--out", str(tmp_path / "out"), *SMALL, "--dry-run", "stage2.trainer.max_epochs=3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     s1 = next(line for line in lines if line.startswith("stage 1:"))
     s2 = next(line for line in lines if line.startswith("stage 2:"))
@@ -375,3 +375,23 @@ def test_in_process_pipeline(tmp_path, capsys):
         == summary["stage1_ckpt"]
         == str(tmp_path / "pipe" / "stage1" / "checkpoints" / "best.ckpt")
     )
+
+
+def test_failed_or_interrupted_stage_stops_the_pipeline(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, fake_run.status)
+
+    monkeypatch.setattr(mp.subprocess, "run", fake_run)
+    fake_run.status = 3
+    with pytest.raises(mp.PipelineError, match=r"stage1 failed \(exit status 3"):
+        mp._run_subprocess("stage1", ["experiment=mulcon_stage1"], tmp_path)
+    # Lightning ends a SIGTERM'd run with status 0 and no metrics.json: not a finished stage
+    fake_run.status = 0
+    with pytest.raises(mp.PipelineError, match="ended without writing .*metrics.json"):
+        mp._run_subprocess("stage1", ["experiment=mulcon_stage1"], tmp_path)
+    assert calls[0][:3] == [sys.executable, "-m", "mlcl.train"] and calls[0][3] == "experiment=mulcon_stage1"
+    (tmp_path / "metrics.json").write_text(json.dumps({"test": {"mAP": 50.0}}))
+    assert mp._run_subprocess("stage1", [], tmp_path)["test"]["mAP"] == 50.0

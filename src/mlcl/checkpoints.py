@@ -46,8 +46,8 @@ def checkpoint_weights(
     return ckpt["state_dict"]
 
 
-# Hyper-parameters of a run that fix the shapes of backbone and head tensors (compared on a mismatch).
-_ARCH_CONFIG_KEYS = ("backbone", "loss._target_", "loss.head_kwargs", "data_name")
+# Hyper-parameters of a run that fix the shapes of the backbone / head tensors (compared on a mismatch).
+_ARCH_CONFIG_KEYS = {"backbone.": ("backbone",), "head.": ("loss._target_", "loss.head_kwargs", "data_name")}
 
 
 def _flat(value: Any, prefix: str) -> dict[str, Any]:
@@ -68,24 +68,36 @@ def _pick(cfg: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def config_differences(ckpt: dict[str, Any], module: nn.Module) -> list[str]:
+def config_differences(
+    ckpt: dict[str, Any], module: nn.Module, prefixes: Sequence[str] = ("backbone.", "head.")
+) -> list[str]:
     """Config keys that fix tensor shapes and differ between the run that wrote ``ckpt`` and ``module``.
 
-    Compares ``num_classes`` and the run configs' ``backbone.*`` (except ``pretrained``),
-    ``loss._target_``, ``loss.head_kwargs.*`` and ``data_name``. Entries read
-    ``"key (checkpoint A, this run B)"``; empty when either side has no saved config.
+    When ``prefixes`` load from ``backbone.``: the run configs' ``backbone.*`` (except ``pretrained``);
+    from ``head.``: ``num_classes``, ``loss._target_``, ``loss.head_kwargs.*`` and ``data_name``. Entries
+    read ``"key (checkpoint A, this run B)"``; only ``num_classes`` when a side has no saved run config.
     """
     theirs = ckpt.get("hyper_parameters") or {}
     ours = dict(getattr(module, "hparams", {}) or {})
     diffs = []
-    if "num_classes" in theirs and "num_classes" in ours and theirs["num_classes"] != ours["num_classes"]:
+    prefixes = [p if p.endswith(".") else p + "." for p in prefixes]
+    with_head = any(p.startswith("head.") for p in prefixes)
+    if (
+        with_head
+        and "num_classes" in theirs
+        and "num_classes" in ours
+        and theirs["num_classes"] != ours["num_classes"]
+    ):
         diffs.append(
             f"num_classes, i.e. the data (checkpoint {theirs['num_classes']}, this run {ours['num_classes']})"
         )
     src, dst = theirs.get("run_config") or {}, ours.get("run_config") or {}
     if not (src and dst):
         return diffs
-    for key in _ARCH_CONFIG_KEYS:
+    keys = [
+        k for top, ks in _ARCH_CONFIG_KEYS.items() if any(p.startswith(top) for p in prefixes) for k in ks
+    ]
+    for key in keys:
         a, b = _flat(_pick(src, key), key), _flat(_pick(dst, key), key)
         for k in sorted(set(a) | set(b)):
             if k != "backbone.pretrained" and a.get(k) != b.get(k):
@@ -153,15 +165,14 @@ def load_init_weights(
             parts.append(f"{len(missing)} tensors missing from the checkpoint: {_listing(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} tensors the model does not have: {_listing(unexpected)}")
-        diffs = config_differences(ckpt, module)
+        diffs = config_differences(ckpt, module, prefixes)
         if diffs:
-            hint = f" Config keys that differ from the run that wrote it: {_listing(diffs)}."
+            cause = f"config keys that differ from the run that wrote it: {_listing(diffs)}. "
         else:
-            hint = ""
+            cause = "use the same backbone.*, loss.head_kwargs.* and data (number of classes) as that run. "
         raise ValueError(
             f"{key}={str(path)!r} does not fit this model (loading {', '.join(p[:-1] for p in prefixes)} "
-            f"strictly from {weights} weights): {'. '.join(parts)}.{hint} Use the same backbone.*, "
-            "loss.head_kwargs.* and data (number of classes) as the run that wrote it."
+            f"strictly from its {weights} weights): {cause}{'. '.join(parts)}."
         )
     module.load_state_dict({k: state[k] for k in wanted}, strict=False)
     log.info(

@@ -32,9 +32,9 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ RESERVED = (
 )
 # Config keys that fix the shapes stage two loads strictly (backbone.pretrained only matters in stage one).
 ARCH_KEYS = ("backbone", "loss._target_", "loss.head_kwargs", "data_name", "data.source._target_")
-_PLAIN_VALUE = re.compile(r"[\w./\-+@:,]+")
+_PLAIN_VALUE = re.compile(r"[\w./\-+@:]+")  # a comma would make a sweep
 _STAGE_OVERRIDE = re.compile(r"^([+~]{0,2})(stage[12])\.(.+)$")
 
 
@@ -161,6 +161,16 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def _unset_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` (unresolved, so interpolations to them do not raise)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    out = []
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.extend([key] if v == "???" else _unset_keys(v, key))
+    return out
+
+
 def describe_stage(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """What :func:`check_stage_configs` compares, read off one composed stage config.
 
@@ -179,8 +189,9 @@ def describe_stage(cfg: Any, run_dir: Path) -> dict[str, Any]:
             except Exception as err:  # an interpolation to an unset value: reported as missing below
                 value = f"<unresolved: {type(err).__name__}>"
             arch.update(_flatten(value, key))
+        unset = _unset_keys(OmegaConf.to_container(task, resolve=False))
         return {
-            "missing": sorted(k for k in OmegaConf.missing_keys(task) if k != "stage1_ckpt"),
+            "missing": [k for k in unset if k != "stage1_ckpt"],
             "arch": arch,
             "init_weights": OmegaConf.select(task, "init_weights", default="ema"),
             "ema_decay": OmegaConf.select(task, "ema.decay", default=None),
@@ -220,17 +231,20 @@ def check_stage_configs(stage1: dict[str, Any], stage2: dict[str, Any]) -> None:
         raise PipelineError("; ".join(problems))
 
 
-def select_stage1_checkpoint(run_dir: Path, results: dict[str, Any] | None) -> tuple[Path, str]:
-    """The checkpoint stage two starts from: stage one's best by validation score, else its last one.
+def select_stage1_checkpoint(
+    run_dir: Path, results: dict[str, Any] | None, monitor: str = "val/mAP"
+) -> tuple[Path, str]:
+    """The checkpoint stage two starts from: stage one's best by ``monitor``, else its last one.
 
-    Returns the path and a short reason for the log.
+    ``results``: stage one's ``metrics.json`` (``best_ckpt``, ``best_val``). Returns the path and a
+    short reason for the log.
     """
     results = results or {}
     best = results.get("best_ckpt")
     if best and Path(best).is_file():
         score = results.get("best_val")
         at = f" = {float(score):.2f}" if isinstance(score, (int, float)) else ""
-        return Path(best), f"best validation score{at}"
+        return Path(best), f"best {monitor}{at}"
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last, "last epoch (no best-by-validation checkpoint was written)"
@@ -246,11 +260,6 @@ def _fresh_dir(path: Path) -> None:
         )
 
 
-def _read_results(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _run_subprocess(stage: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "mlcl.train", *overrides]
     proc = subprocess.run(cmd, env=os.environ.copy())
@@ -259,7 +268,10 @@ def _run_subprocess(stage: str, overrides: list[str], run_dir: Path) -> dict[str
             f"{stage} failed (exit status {proc.returncode}; its error is printed above, its run directory "
             f"is {run_dir})"
         )
-    return _read_results(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():  # Lightning ends a run stopped by SIGTERM with exit status 0
+        raise PipelineError(f"{stage} ended without writing {path} (interrupted?)")
+    return json.loads(path.read_text())
 
 
 def _run_in_process(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -323,7 +335,7 @@ def run_pipeline(
     groups = split_overrides(overrides)
     if out_dir is None:
         root = Path(os.environ.get("MLCL_ROOT", "."))
-        out_dir = root / "outputs" / "mulcon" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        out_dir = root / "outputs" / "mulcon" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     out = Path(out_dir).expanduser().resolve()
     dirs = {s: out / s for s in STAGES}
 
@@ -346,15 +358,18 @@ def run_pipeline(
         if in_process
         else _run_subprocess("stage1", ovs1, dirs["stage1"])
     )
-    ckpt, reason = select_stage1_checkpoint(dirs["stage1"], res1)
+    ckpt, reason = select_stage1_checkpoint(dirs["stage1"], res1, str(cfg1.get("monitor", "val/mAP")))
     log.info("MulCon stage two starts from %s (%s)", ckpt, reason)
     ovs2 = stage_overrides("stage2", groups, dirs["stage2"], str(ckpt))
     if in_process:
         res2 = _run_in_process(compose(ovs2), dirs["stage2"])
     else:
-        res2 = _run_subprocess("stage2", ovs2, dirs["stage2"])
-
-    from dataclasses import asdict
+        try:
+            res2 = _run_subprocess("stage2", ovs2, dirs["stage2"])
+        except PipelineError as err:
+            again = [*ovs2[:-1], "hydra.run.dir=<new dir>"]
+            rerun = f"{cmd} {' '.join(again)}"
+            raise PipelineError(f"{err}. Stage one is done; rerun stage two alone: {rerun}") from err
 
     from mlcl import runs
 
@@ -404,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m mlcl.mulcon_pipeline`` / ``mlcl-mulcon``. Returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     pkg_log = logging.getLogger("mlcl")  # lightning logs through its own handler already
     if not pkg_log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()

@@ -119,6 +119,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=run_dir,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        raise SystemExit(
+            f"training was interrupted; checkpoints so far are in {run_dir / 'checkpoints'} "
+            "(resume with ckpt_path=.../last.ckpt)"
+        )
     fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
