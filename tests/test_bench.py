@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, ClassVar
 
@@ -16,7 +17,14 @@ TINY = [
     "--batch-size", "8", "--num-classes", "5", "--feature-dim", "16", "--kmcl-aniso-dim", "8",
     "--kmcl-iso-dim", "16", "--clml-dim", "16", "--mulcon-dim", "8", "--supcon-dim", "8",
     "--mulsupcon-dim", "8", "--queue", "8", "--calls", "2", "--warmup", "1", "--threads", "1",
+    "--retries", "0",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_load_window(monkeypatch):
+    """No padding of short rows to estimate the background load (keeps the tests fast)."""
+    monkeypatch.setattr(bench, "_MIN_WINDOW_S", 0.0)
 
 
 def _table(text: str, title: str | None = None) -> list[list[str]]:
@@ -73,7 +81,9 @@ def test_every_registered_loss_gets_a_row(capsys):
         "loss",
         "inputs",
         "median (ms)",
+        "min (ms)",
         "IQR (ms)",
+        "other load",
         "extra peak (MiB)",
         "reference (spec)",
         "speed-up",
@@ -87,15 +97,15 @@ def test_every_registered_loss_gets_a_row(capsys):
     assert "kmcl (anisotropic D=8)" in labels and "kmcl (isotropic D=16)" in labels
     assert len(rows) == len(list_losses()) + 1  # KMCL has two rows
     for r in rows:
-        assert len(r) == 9
+        assert len(r) == 11
         assert not r[1].startswith("error"), r
-        assert float(r[2]) > 0
-        assert r[4] == "—"  # --no-memory
+        assert 0 < float(r[3]) <= float(r[2])  # min <= median
+        assert r[6] == "—"  # --no-memory
     by_label = dict(zip(labels, rows))
     # a reference exists but B=8 is not the spec's setting: no speed-up, no verdict
-    assert by_label["asl"][5].startswith("0.280–0.320 ms")
-    assert by_label["asl"][6] == "— (other shape)" and by_label["asl"][8] == "—"
-    assert by_label["bce"][5:] == ["—", "—", "—", "—"]
+    assert by_label["asl"][7].startswith("0.280–0.320 ms")
+    assert by_label["asl"][8] == "— (other shape)" and by_label["asl"][10] == "—"
+    assert by_label["bce"][7:] == ["—", "—", "—", "—"]
     assert "threads 1" in out and "machine:" in out
 
 
@@ -140,8 +150,12 @@ def test_scaling_table_rows(capsys):
         ("supcon", "4"),
         ("supcon", "8"),
     ]
-    assert rows[0][4] == "1.0×"
+    assert rows[0][5] == "1.0×"
     assert "[8,5,8]" in rows[1][2]
+    assert all(len(r) == 8 for r in rows)
+    # B=8 is the main table's batch: its rows are reused, not measured again
+    main_rows = {r[0]: r for r in _table(out)}
+    assert rows[1][3] == main_rows[rows[1][0]][2] and rows[3][3] == main_rows[rows[3][0]][2]
 
 
 def test_memory_subprocess_and_in_process_fallback(capsys, registered):
@@ -150,8 +164,8 @@ def test_memory_subprocess_and_in_process_fallback(capsys, registered):
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     rows = _table(out)
-    assert float(rows[0][4]) >= 0  # asl: fresh subprocess
-    assert rows[1][4].endswith("~") and float(rows[1][4][:-1]) >= 0
+    assert float(rows[0][6]) >= 0  # asl: fresh subprocess
+    assert rows[1][6].endswith("~") and float(rows[1][6][:-1]) >= 0
     assert "zz_bench_dummy (B=8) memory: in-process" in out
 
 
@@ -220,6 +234,8 @@ def test_speedup_and_target_verdicts():
     )
     unmeasured = bench._speedup(bench.Row(case, typical, times=[100.0] * 20))
     assert unmeasured[3] == "yes (memory not measured)"
+    busy = bench._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=50.0, background=1.0))
+    assert busy[3] == "yes (busy machine)"
     other = bench.Setup(batch=32)
     assert bench._speedup(bench.Row(case, other, times=[100.0] * 20))[1] == "— (other shape)"
     gpu = bench.Setup(device="cuda")
@@ -235,5 +251,28 @@ def test_train_subcommand_smoke(capsys):
     for r in rows:
         assert not r[3].startswith("error"), r
         assert float(r[3]) > 0 and float(r[4]) > 0
-    assert rows[0][6:] == ["0", "0 %"]
+    assert rows[0][6:8] == ["0", "0 %"]
+    assert all(len(r) == 9 for r in rows)
     assert re.fullmatch(r"[+-]\d+", rows[2][6])
+
+
+def test_busy_rows_are_retried_and_marked(monkeypatch):
+    loads = iter([0.9, 0.7, 0.5])  # other processes keep the CPU busy on every attempt
+    monkeypatch.setattr(bench, "background_load", lambda start: next(loads))
+    s = bench.Setup(batch=8, classes=5, feature_dim=8)
+    (case,) = bench.cases_for(["bce"], s)
+    row = bench._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
+    assert row.attempts == 3 and row.busy and len(row.times) == 2
+    assert row.background in (0.9, 0.7, 0.5)
+    assert bench._fmt_load(row).endswith(" !")
+
+    quiet = iter([0.9, 0.05])  # the second attempt is quiet: it is kept and no third one is made
+    monkeypatch.setattr(bench, "background_load", lambda start: next(quiet))
+    row = bench._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
+    assert (row.attempts, row.background, row.busy) == (2, 0.05, False)
+    assert bench._fmt_load(row) == "0.05"
+
+
+def test_background_load_is_a_core_count():
+    load = bench.background_load(bench._cpu_snapshot())
+    assert load is None or 0.0 <= load <= (os.cpu_count() or 1) + 0.5

@@ -434,6 +434,41 @@ def time_calls(prep: Prepared, calls: int, warmup: int, device: str) -> tuple[li
     return times, value
 
 
+#: other processes using more than this many cores while a row is timed make it "busy" (retried)
+BUSY_CORES = 0.2
+#: shortest window over which the background load is estimated (/proc/stat counts in 10 ms ticks)
+_MIN_WINDOW_S = 0.3
+
+
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process and children)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def background_load(start: tuple[float, float, float] | None) -> float | None:
+    """Average number of cores other processes (and the hypervisor: steal) used since ``start``.
+
+    Windows shorter than ``_MIN_WINDOW_S`` are padded by sleeping, so that short rows still get an
+    estimate of the load around them."""
+    if start is None:
+        return None
+    elapsed = time.perf_counter() - start[0]
+    if elapsed < _MIN_WINDOW_S:
+        time.sleep(_MIN_WINDOW_S - elapsed)
+    end = _cpu_snapshot()
+    if end is None:
+        return None
+    return max(0.0, (end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
+
+
 def _proc_status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
@@ -535,6 +570,13 @@ class Row:
     mib: float | None = None
     mem_note: str = ""
     error: str | None = None
+    #: cores used by other processes while the kept attempt was timed (None: unknown)
+    background: float | None = None
+    attempts: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.background is not None and self.background > BUSY_CORES
 
     @property
     def median(self) -> float | None:
@@ -562,14 +604,35 @@ def _fmt_mib(x: float | None) -> str:
     return "—" if x is None else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
 
 
-def _measure_row(case: Case, s: Setup, calls: int, warmup: int, memory: str, threads: int) -> Row:
-    """Time one case here; measure its memory (subprocess on the CPU unless ``memory`` says otherwise)."""
+def _measure_row(
+    case: Case, s: Setup, calls: int, warmup: int, memory: str, threads: int, retries: int = 0
+) -> Row:
+    """Time one case here (again, up to ``retries`` times, while other processes keep the CPU busy);
+    measure its memory (subprocess on the CPU unless ``memory`` says otherwise)."""
     row = Row(case, s)
     cuda = s.device.startswith("cuda")
     try:
         prep = case.build(s)
         row.inputs = prep.inputs
-        row.times, row.value = time_calls(prep, calls, warmup, s.device)
+        best: tuple[bool, float] | None = None
+        for attempt in range(retries + 1):
+            start = _cpu_snapshot()
+            times, value = time_calls(prep, calls, warmup if attempt == 0 else min(warmup, 1), s.device)
+            load = background_load(start)
+            busy = load is not None and load > BUSY_CORES
+            rank = (busy, statistics.median(times))
+            if best is None or rank < best:
+                best = rank
+                row.times, row.value, row.background = times, value, load
+            row.attempts = attempt + 1
+            if not busy:
+                break
+            print(
+                f"[mlcl-bench] {case.label} B={s.batch}: other processes used {load:.2f} cores, "
+                + ("retrying" if attempt < retries else "keeping the least disturbed attempt"),
+                file=sys.stderr,
+                flush=True,
+            )
         if memory == "inprocess" or (memory != "none" and cuda):
             row.mib, how = measure_memory(prep, s.device)
             row.mem_note = how if cuda else f"in-process ({how})"
@@ -617,8 +680,17 @@ def _speedup(row: Row) -> tuple[str, str, str, str]:
             parts.append("memory not measured")
         elif row.mib > tgt.max_mib:
             ok = False
+    if row.busy:
+        parts.append("busy machine")
     met = "yes" if ok else "**no**"
     return ref_cell, speed_cell, tgt_cell, met + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _fmt_load(row: Row) -> str:
+    """Background load cell: cores used by other processes, ``!`` when the row was disturbed."""
+    if row.background is None:
+        return "—"
+    return f"{row.background:.2f}" + (" !" if row.busy else "")
 
 
 def _escape(text: str) -> str:
@@ -627,20 +699,21 @@ def _escape(text: str) -> str:
 
 def main_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| loss | inputs | median (ms) | IQR (ms) | extra peak (MiB) | reference (spec) | speed-up "
-        "| target | met |",
-        "|---|---|---:|---:|---:|---|---:|---|---|",
+        "| loss | inputs | median (ms) | min (ms) | IQR (ms) | other load | extra peak (MiB) "
+        "| reference (spec) | speed-up | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case.label} | error: {_escape(r.error)} | — | — | — | — | — | — | — |")
+            lines.append(f"| {r.case.label} | error: {_escape(r.error)} |" + " — |" * 9)
             continue
         iqr = f"{_fmt_ms(r.iqr[0])}–{_fmt_ms(r.iqr[1])}" if r.iqr else "—"
         mem = _fmt_mib(r.mib) + ("~" if r.mem_note.startswith("in-process") else "")
         finite = "" if math.isfinite(r.value) else " (non-finite loss!)"
         ref, speed, tgt, met = _speedup(r)
         lines.append(
-            f"| {r.case.label} | {_escape(r.inputs)}{finite} | {_fmt_ms(r.median)} | {iqr} | {mem} | "
+            f"| {r.case.label} | {_escape(r.inputs)}{finite} | {_fmt_ms(r.median)} | {_fmt_ms(min(r.times))} "
+            f"| {iqr} | {_fmt_load(r)} | {mem} | "
             f"{ref} | {speed} | {tgt} | {met} |"
         )
     return "\n".join(lines)
@@ -648,20 +721,20 @@ def main_table(rows: Sequence[Row]) -> str:
 
 def scaling_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| loss | B | inputs | median (ms) | time vs first B | extra peak (MiB) |",
-        "|---|---:|---|---:|---:|---:|",
+        "| loss | B | inputs | median (ms) | min (ms) | median vs first B | other load | extra peak (MiB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     first: dict[str, float] = {}
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case.label} | {r.setup.batch} | error: {_escape(r.error)} | — | — | — |")
+            lines.append(f"| {r.case.label} | {r.setup.batch} | error: {_escape(r.error)} |" + " — |" * 5)
             continue
         base = first.setdefault(r.case.key, r.median)
         growth = f"{r.median / base:.1f}×" if base else "—"
         mem = _fmt_mib(r.mib) + ("~" if r.mem_note.startswith("in-process") else "")
         lines.append(
-            f"| {r.case.label} | {r.setup.batch} | {_escape(r.inputs)} | {_fmt_ms(r.median)} | {growth} "
-            f"| {mem} |"
+            f"| {r.case.label} | {r.setup.batch} | {_escape(r.inputs)} | {_fmt_ms(r.median)} "
+            f"| {_fmt_ms(min(r.times))} | {growth} | {_fmt_load(r)} | {mem} |"
         )
     return "\n".join(lines)
 
@@ -687,7 +760,18 @@ def machine_info(device: str) -> str:
     ]
     if device.startswith("cuda") and torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(torch.device(device))}")
-    return "machine: " + ", ".join(parts)
+    text = "machine: " + ", ".join(parts)
+    if hasattr(os, "getloadavg") and usable and os.getloadavg()[0] > usable:
+        text += (
+            f"\n\n**Warning: the machine is busy** (1-min load {os.getloadavg()[0]:.1f} on {usable} usable "
+            "cores): timings may be inflated by other processes (see the 'other load' column)."
+        )
+    return text
+
+
+def _footer(started: float) -> str:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return f"\n\ntotal wall time {time.perf_counter() - started:.0f} s; load average at the end {load}"
 
 
 def _notes(rows: Sequence[Row]) -> list[str]:
@@ -794,6 +878,12 @@ def _loss_parser() -> argparse.ArgumentParser:
         default="subprocess",
         help="CPU memory: fresh subprocess per case (default), in this process (approximate), or none",
     )
+    p.add_argument(
+        "--retries",
+        type=_nonneg_int,
+        default=2,
+        help=f"time a row again up to N times while other processes use > {BUSY_CORES} cores (default 2)",
+    )
     p.add_argument("--no-scaling", action="store_true", help="skip the batch-size scaling table")
     p.add_argument(
         "--scaling-batches",
@@ -890,12 +980,15 @@ def _bench_losses(argv: Sequence[str]) -> int:
         "Rows marked `plugin` are timed as `plugin(outputs, targets, ctx)` on the outputs of the plugin's "
         f"own head applied to |N(0,1)| backbone features of width F={setup.feature_dim} (head outside the "
         "timer, plugin parameters included in the backward). Speed-ups are against the fastest reference "
-        "run the spec lists and are only computed where the row matches the spec's setting; targets are "
+        "run the spec lists and are only computed where the row matches the spec's setting. 'other load' = "
+        "cores used by other processes (incl. hypervisor steal) while the row was timed, from /proc/stat; "
+        f"rows above {BUSY_CORES} were timed again up to {args.retries} times and keep the least disturbed "
+        "attempt, `!` marks rows that stayed disturbed. Targets are "
         "for the 2-core CPU" + ("" if args.threads == 2 else f" (this run: threads={args.threads})") + ".",
         "",
     ]
     rows = [
-        _measure_row(c, setup, args.calls, args.warmup, memory, args.threads)
+        _measure_row(c, setup, args.calls, args.warmup, memory, args.threads, args.retries)
         for c in cases_for(losses, setup)
     ]
     text = "\n".join(head) + "\n" + main_table(rows)
@@ -903,17 +996,30 @@ def _bench_losses(argv: Sequence[str]) -> int:
     scaled: list[Row] = []
     scaling_names = [n for n in SCALING_LOSSES if n in losses]
     if not args.no_scaling and scaling_names:
+        done = {r.case.key: r for r in rows if r.error is None}
         for case in cases_for(scaling_names, setup):
             for b in args.scaling_batches:
+                if b == setup.batch and case.key in done:  # measured above, with more calls
+                    scaled.append(done[case.key])
+                    continue
                 s_b = dataclasses.replace(setup, batch=b)
                 (case_b,) = [c for c in cases_for([case.loss], s_b) if c.key == case.key]
                 scaled.append(
-                    _measure_row(case_b, s_b, args.scaling_calls, args.scaling_warmup, memory, args.threads)
+                    _measure_row(
+                        case_b,
+                        s_b,
+                        args.scaling_calls,
+                        args.scaling_warmup,
+                        memory,
+                        args.threads,
+                        args.retries,
+                    )
                 )
         text += (
             "\n\n### Scaling with the (gathered) batch size\n\n"
             f"Same inputs at B ∈ {{{', '.join(map(str, args.scaling_batches))}}}; median of "
-            f"{args.scaling_calls} calls after {args.scaling_warmup} warm-up. MulCon contrasts only the "
+            f"{args.scaling_calls} calls after {args.scaling_warmup} warm-up (rows at B={setup.batch} are "
+            "those of the table above). MulCon contrasts only the "
             "P ≈ 2.9·B positive entries (never a (B·C)² matrix); KMCL evaluates Bhattacharyya terms for "
             "anchor entries only, in chunks of ~4M-element temporaries (`--kmcl-chunk` bounds them further)."
             "\n\n" + scaling_table(scaled)
@@ -921,7 +1027,7 @@ def _bench_losses(argv: Sequence[str]) -> int:
         notes += _notes(scaled)
     if notes:
         text += "\n\nNotes (`~` = measured in this process, approximate):\n" + "\n".join(dict.fromkeys(notes))
-    text += f"\n\ntotal wall time {time.perf_counter() - started:.0f} s"
+    text += _footer(started)
     _emit(text, args.out)
     return 0
 
@@ -955,6 +1061,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, help="Lightning precision (cpu 32-true, cuda bf16-mixed)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument(
+        "--retries",
+        type=_nonneg_int,
+        default=1,
+        help=f"repeat a loss's run while other processes use > {BUSY_CORES} cores (default 1)",
+    )
+    p.add_argument(
         "--head-kwargs",
         type=_kv_json,
         action="append",
@@ -983,6 +1095,12 @@ class TrainRow:
     skipped: int = 0
     error: str | None = None
     baseline: bool = False
+    #: cores used by other processes during the fit (None: unknown)
+    background: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.background is not None and self.background > BUSY_CORES
 
     @property
     def step_ms(self) -> float | None:
@@ -1081,7 +1199,9 @@ def _train_one(name: str, views: int, args: argparse.Namespace, extra: dict[str,
             enable_model_summary=False,
             callbacks=[StepTimer()],
         )
+        start = _cpu_snapshot()
         trainer.fit(module, train_dataloaders=loader)
+        row.background = background_load(start)
         row.skipped = int(module.skipped_steps)
     except Exception as err:
         row.error = f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
@@ -1094,8 +1214,8 @@ def _train_one(name: str, views: int, args: argparse.Namespace, extra: dict[str,
 def train_table(rows: Sequence[TrainRow]) -> str:
     lines = [
         "| loss | views | head | median step (ms) | steps/s | loss forward (ms) | Δ step vs BCE (ms) "
-        "| loss share of step |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| loss share of step | other load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     bce = {r.views: r.step_ms for r in rows if r.loss == "bce" and r.step_ms}
     for r in rows:
@@ -1103,7 +1223,7 @@ def train_table(rows: Sequence[TrainRow]) -> str:
         if r.error or not r.step_ms:
             lines.append(
                 f"| {label} | {r.views} | {_escape(r.head)} | error: {_escape(r.error or 'no steps')} "
-                "| — | — | — | — |"
+                "| — | — | — | — | — |"
             )
             continue
         fwd = _fmt_ms(statistics.median(r.loss_fwd)) if r.loss_fwd else "—"
@@ -1116,7 +1236,13 @@ def train_table(rows: Sequence[TrainRow]) -> str:
         skipped = f" ({r.skipped} non-finite steps skipped)" if r.skipped else ""
         lines.append(
             f"| {label}{skipped} | {r.views} | {_escape(r.head)} | {_fmt_ms(r.step_ms)} | "
-            f"{1e3 / r.step_ms:.2f} | {fwd} | {delta} | {share} |"
+            f"{1e3 / r.step_ms:.2f} | {fwd} | {delta} | {share} | "
+            + (
+                "—"
+                if r.background is None
+                else f"{r.background:.2f}" + (" !" if r.background > BUSY_CORES else "")
+            )
+            + " |"
         )
     return "\n".join(lines)
 
@@ -1153,6 +1279,7 @@ def _bench_train(argv: Sequence[str]) -> int:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.perf_counter()
+    info = machine_info(args.device)
     # BCE at every view count in use comes first: the baseline of the "share" columns
     views = {name: plugin_views(name) for name in losses}
     order = [("bce", v, views.get("bce") != v) for v in sorted(set(views.values()))]
@@ -1160,20 +1287,31 @@ def _bench_train(argv: Sequence[str]) -> int:
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # the first fit of a process pays one-time costs (fresh memory pages, kernel caches) that
+        # would otherwise be charged to the BCE baseline
+        _train_one("bce", 1, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1}), extra)
         for name, v, baseline in order:
-            row = _train_one(name, v, args, extra)
+            row = None
+            for _ in range(args.retries + 1):
+                cand = _train_one(name, v, args, extra)
+                busy = cand.background is not None and cand.background > BUSY_CORES
+                if row is None or (busy, cand.step_ms or math.inf) < (row.busy, row.step_ms or math.inf):
+                    row = cand
+                print(
+                    f"[mlcl-bench train] {name} (views {v}): {_fmt_ms(cand.step_ms or math.nan)} ms/step"
+                    + (f" ({cand.error})" if cand.error else "")
+                    + (f", other processes used {cand.background:.2f} cores" if busy else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if not busy or cand.error:
+                    break
             row.baseline = baseline
             rows.append(row)
-            print(
-                f"[mlcl-bench train] {name} (views {v}): {_fmt_ms(row.step_ms or math.nan)} ms/step"
-                + (f" ({row.error})" if row.error else ""),
-                file=sys.stderr,
-                flush=True,
-            )
     head = [
         "## mlcl-bench train: MLCLModule steps per loss",
         "",
-        machine_info(args.device),
+        info,
         "",
         f"setup: backbone {args.backbone} (random init), {args.image_size}² random images, "
         f"B={args.batch_size} per view, C={args.num_classes}, "
@@ -1182,7 +1320,10 @@ def _bench_train(argv: Sequence[str]) -> int:
         f"steps after {args.warmup} warm-up steps (forward, loss, backward and optimiser step; data loading "
         "excluded). Two-view losses get 2·B rows and are compared with BCE on the same 2·B rows. "
         "'loss forward' is the plugin call alone; 'Δ step vs BCE' is the whole extra cost of the loss "
-        "(head, projector, key encoder, backward included); the share is Δ / step.",
+        "(head, projector, key encoder, backward included); the share is Δ / step, and differences of a few "
+        "per cent are run-to-run noise at these step counts. 'other load' = cores used by other processes "
+        f"during the run; runs above {BUSY_CORES} were repeated up to {args.retries} times and keep the "
+        "least disturbed one (`!`: still disturbed).",
         "",
     ]
     custom = [f"{n}: head_kwargs {json.dumps(k)}" for n, k in extra["head"].items()]
@@ -1190,7 +1331,7 @@ def _bench_train(argv: Sequence[str]) -> int:
     text = "\n".join(head) + "\n" + train_table(rows)
     if custom:
         text += "\n\nNon-default settings: " + "; ".join(custom)
-    text += f"\n\ntotal wall time {time.perf_counter() - started:.0f} s"
+    text += _footer(started)
     _emit(text, args.out)
     return 0
 
