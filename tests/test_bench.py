@@ -188,6 +188,7 @@ def test_out_file_is_never_overwritten(tmp_path, capsys):
         (["--scaling-batches", "64,x"], "comma-separated integers"),
         (["--positives", "0"], "--positives must be in (0, num_classes=80]"),
         (["--dtype", "int8"], "invalid choice"),
+        (["--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
         (["train", "--losses", "nope"], "unknown loss(es) nope"),
         (["train", "--head-kwargs", "mulcon={bad"], "invalid JSON"),
         (["train", "--head-kwargs", "nope={}"], "--head-kwargs for unknown loss(es) nope"),

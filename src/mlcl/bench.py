@@ -13,7 +13,9 @@ own head applied to random backbone features (head evaluated outside the timer).
 ``--calls`` calls after ``--warmup`` calls. Extra peak memory is the growth of peak RSS over one forward +
 backward, measured in a fresh subprocess per case with ``MALLOC_MMAP_THRESHOLD_=0`` (freed memory goes
 back to the OS at once) and the peak reset through ``/proc/self/clear_refs`` just before the call; on
-CUDA it is ``max_memory_allocated`` above the memory allocated before the call.
+CUDA it is ``max_memory_allocated`` above the memory allocated before the call. Each row also reports the
+cores other processes used while it was timed (``/proc/stat``); rows disturbed by a busy machine are timed
+again (``--retries``) and keep their least disturbed attempt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -825,6 +828,8 @@ def _loss_list(parser: argparse.ArgumentParser, text: str | None) -> list[str]:
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
 
@@ -1320,8 +1325,9 @@ def _bench_train(argv: Sequence[str]) -> int:
         f"steps after {args.warmup} warm-up steps (forward, loss, backward and optimiser step; data loading "
         "excluded). Two-view losses get 2·B rows and are compared with BCE on the same 2·B rows. "
         "'loss forward' is the plugin call alone; 'Δ step vs BCE' is the whole extra cost of the loss "
-        "(head, projector, key encoder, backward included); the share is Δ / step, and differences of a few "
-        "per cent are run-to-run noise at these step counts. 'other load' = cores used by other processes "
+        "(head, projector, key encoder, backward included); the share is Δ / step. Logit-only losses, whose "
+        "forward takes well under 1 ms, show the run-to-run noise of a step. "
+        "'other load' = cores used by other processes "
         f"during the run; runs above {BUSY_CORES} were repeated up to {args.retries} times and keep the "
         "least disturbed one (`!`: still disturbed).",
         "",
