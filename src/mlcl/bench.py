@@ -439,6 +439,8 @@ def time_calls(prep: Prepared, calls: int, warmup: int, device: str) -> tuple[li
 
 #: other processes using more than this many cores while a row is timed make it "busy" (retried)
 BUSY_CORES = 0.2
+#: rows whose timing took longer than this are not timed again (keeps busy runs to a few minutes)
+_RETRY_MAX_S = 15.0
 #: shortest window over which the background load is estimated (/proc/stat counts in 10 ms ticks)
 _MIN_WINDOW_S = 0.3
 
@@ -621,6 +623,7 @@ def _measure_row(
         for attempt in range(retries + 1):
             start = _cpu_snapshot()
             times, value = time_calls(prep, calls, warmup if attempt == 0 else min(warmup, 1), s.device)
+            took = time.perf_counter() - start[0] if start else 0.0
             load = background_load(start)
             busy = load is not None and load > BUSY_CORES
             rank = (busy, statistics.median(times))
@@ -630,12 +633,15 @@ def _measure_row(
             row.attempts = attempt + 1
             if not busy:
                 break
+            again = attempt < retries and took <= _RETRY_MAX_S
             print(
                 f"[mlcl-bench] {case.label} B={s.batch}: other processes used {load:.2f} cores, "
-                + ("retrying" if attempt < retries else "keeping the least disturbed attempt"),
+                + ("retrying" if again else "keeping the least disturbed attempt"),
                 file=sys.stderr,
                 flush=True,
             )
+            if not again:
+                break
         if memory == "inprocess" or (memory != "none" and cuda):
             row.mib, how = measure_memory(prep, s.device)
             row.mem_note = how if cuda else f"in-process ({how})"
@@ -987,9 +993,11 @@ def _bench_losses(argv: Sequence[str]) -> int:
         "timer, plugin parameters included in the backward). Speed-ups are against the fastest reference "
         "run the spec lists and are only computed where the row matches the spec's setting. 'other load' = "
         "cores used by other processes (incl. hypervisor steal) while the row was timed, from /proc/stat; "
-        f"rows above {BUSY_CORES} were timed again up to {args.retries} times and keep the least disturbed "
-        "attempt, `!` marks rows that stayed disturbed. Targets are "
-        "for the 2-core CPU" + ("" if args.threads == 2 else f" (this run: threads={args.threads})") + ".",
+        f"rows above {BUSY_CORES} were timed again up to {args.retries} times (if an attempt took at most "
+        f"{_RETRY_MAX_S:g} s) and keep the least disturbed attempt, `!` marks rows that stayed disturbed. "
+        "Targets are for the 2-core CPU"
+        + ("" if args.threads == 2 else f" (this run: threads={args.threads})")
+        + ".",
         "",
     ]
     rows = [

@@ -399,7 +399,9 @@ class MulSupCon(_ProjectedContrastive):
         """L2-normalised key projections ``[B, D]`` of raw inputs ``x``."""
         from mlcl.models.backbones import pool  # same pooling as the module's ``encode``
 
-        feats = pool(self.key_backbone(x)).float()
+        feats = pool(self.key_backbone(x))
+        if feats.dtype in (torch.float16, torch.bfloat16):  # autocast output; float64 models stay float64
+            feats = feats.float()
         return F.normalize(self.key_projector(feats), dim=1)
 
     # ---------------------------------------------------------------- queue
