@@ -114,7 +114,8 @@ class LossPlugin(nn.Module):
         self.num_classes = int(num_classes)
         self.feature_dim = int(feature_dim)
         self.num_samples = int(num_samples)
-        self.head_kwargs = dict(head_kwargs or {})
+        # the head actually built: class defaults overridden by the config's head_kwargs
+        self.head_kwargs = {**self.default_head_kwargs, **dict(head_kwargs or {})}
         #: all-gather (with gradients) across DDP ranks before batch-coupled terms
         self.gather = bool(gather)
 

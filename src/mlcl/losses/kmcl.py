@@ -466,7 +466,7 @@ class KMCL(LossPlugin):
             num_classes=num_classes,
             feature_dim=feature_dim,
             num_samples=num_samples,
-            head_kwargs={**self.default_head_kwargs, **dict(head_kwargs or {})},
+            head_kwargs=head_kwargs,
             gather=gather,
         )
         head_case = self.head_kwargs["loss_case"]

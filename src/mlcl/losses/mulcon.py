@@ -289,7 +289,7 @@ class MulCon(LossPlugin):
             num_classes=num_classes,
             feature_dim=feature_dim,
             num_samples=num_samples,
-            head_kwargs={**self.default_head_kwargs, **dict(head_kwargs or {})},
+            head_kwargs=head_kwargs,
             gather=gather,
         )
         # Validate the hyper-parameters now rather than at the first step.
