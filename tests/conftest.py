@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "src" / "mlcl" / "conf"
 SHARED = REPO.parent / "shared"
 YEAST = SHARED / "data" / "yeast"
 

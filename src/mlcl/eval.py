@@ -79,7 +79,7 @@ def _print(results: dict[str, Any], path: Path) -> None:
     Console().print(f"results: {path}")
 
 
-@hydra.main(config_path="../../conf", config_name="eval", version_base="1.3")
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

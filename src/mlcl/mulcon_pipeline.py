@@ -63,12 +63,11 @@ class PipelineError(RuntimeError):
 
 
 def conf_dir() -> Path:
-    """The Hydra config folder ``mlcl.train`` uses (``conf/`` of the source tree, or packaged)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "conf", here.parents[1] / "conf"):
-        if (cand / "train.yaml").is_file():
-            return cand
-    raise PipelineError(f"cannot find the Hydra configs (train.yaml) next to {here}")
+    """The Hydra config folder ``mlcl.train`` uses (``mlcl/conf``, shipped inside the package)."""
+    cand = Path(__file__).resolve().parent / "conf"
+    if (cand / "train.yaml").is_file():
+        return cand
+    raise PipelineError(f"cannot find the Hydra configs (train.yaml) in {cand}")
 
 
 def split_overrides(args: Sequence[str]) -> dict[str, list[str]]:

@@ -179,7 +179,7 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
     console.print(f"results: {path}")
 
 
-@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
     metric = cfg.get("optimized_metric")

@@ -250,7 +250,7 @@ def test_label_stats():
     ],
 )
 def test_presets(preset, mode, rate):
-    cfg = OmegaConf.load(ROOT / "conf" / "missing" / f"{preset}.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "mlcl" / "conf" / "missing" / f"{preset}.yaml")
     assert set(cfg) == {"mode", "rate", "seed", "path"}
     assert cfg.mode == mode
     if rate is not None:

@@ -861,7 +861,7 @@ def test_role_optimiser_step_moves_used_rows_only():
 def test_yaml_instantiates(name):
     from hydra.utils import instantiate
 
-    path = ROOT / "conf" / "loss" / f"{name}.yaml"
+    path = ROOT / "src" / "mlcl" / "conf" / "loss" / f"{name}.yaml"
     cfg = OmegaConf.load(path)
     plugin = instantiate(cfg, num_classes=C, feature_dim=8, num_samples=N_SAMPLES)
     assert type(plugin) is get_loss_class(name)

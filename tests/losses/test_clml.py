@@ -475,7 +475,7 @@ def test_plugin_with_registered_base_losses(base_loss):
 
 
 def test_yaml_lists_every_hyperparameter(stub_base):
-    cfg = OmegaConf.load(ROOT / "conf" / "loss" / "clml.yaml")
+    cfg = OmegaConf.load(ROOT / "src" / "mlcl" / "conf" / "loss" / "clml.yaml")
     assert cfg["_target_"] == "mlcl.losses.clml.CLML"
     params = inspect.signature(CLML.__init__).parameters
     own = {

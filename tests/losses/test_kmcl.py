@@ -647,7 +647,7 @@ def test_plugin_gather(monkeypatch):
 def test_yaml_config_lists_every_hyperparameter():
     omegaconf = pytest.importorskip("omegaconf")
     hydra_utils = pytest.importorskip("hydra.utils")
-    path = Path(__file__).resolve().parents[2] / "conf" / "loss" / "kmcl.yaml"
+    path = Path(__file__).resolve().parents[2] / "src" / "mlcl" / "conf" / "loss" / "kmcl.yaml"
     cfg = omegaconf.OmegaConf.load(path)
     sig = inspect.signature(KMCL.__init__)
     own = {n for n in sig.parameters if n not in ("self", "num_classes", "feature_dim", "num_samples")}
