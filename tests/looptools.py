@@ -25,7 +25,9 @@ def digits_source(sizes: dict[str, int] | None = None, data_seed: int = 0) -> pa
     return partial(DigitsMosaic, sizes={**SIZES, **(sizes or {})}, data_seed=data_seed)
 
 
-def datamodule(*, sizes: dict[str, int] | None = None, batch_size: int = 8, **kw: Any) -> MultiLabelDataModule:
+def datamodule(
+    *, sizes: dict[str, int] | None = None, batch_size: int = 8, **kw: Any
+) -> MultiLabelDataModule:
     """A set-up datamodule over tiny digit mosaics (``kw`` go to :class:`MultiLabelDataModule`)."""
     kw.setdefault("eval_batch_size", 16)
     dm = MultiLabelDataModule(digits_source(sizes), batch_size=batch_size, **kw)
