@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mlcl.losses.base import LossContext, LossPlugin, get_loss_class, register_loss
 
-__all__ = ["CLML", "clml_loss", "correct_labels"]
+__all__ = ["CLML", "clml_loss", "correct_labels", "plugin_hooks"]
 
 
 def correct_labels(logits: Tensor, targets: Tensor, *, tau: float) -> Tensor:
@@ -245,6 +245,8 @@ class CLML(LossPlugin):
 
     The label correction is recomputed from the current logits at every step (stateless, spec §3): the
     plugin keeps no per-sample state and has nothing to checkpoint besides the base plugin's own state.
+    Every hook of the plugin protocol (:func:`plugin_hooks`: ``attach``, ``on_train_targets``, ...) is
+    forwarded to the base plugin, so e.g. ROLE's label estimates are initialised as without CLML.
 
     Logged terms: the base plugin's terms prefixed ``base_`` (its total as ``base_loss``), ``clml_local``,
     ``clml_global``, ``clml`` (= local − global, λ included) and ``num_corrected`` (entries promoted to
@@ -332,18 +334,32 @@ class CLML(LossPlugin):
         out["loss"] = base_terms["loss"] + terms["loss"]
         return out
 
-    def attach(self, model: torch.nn.Module) -> None:
-        self.base.attach(model)
-
-    def on_train_epoch_start(self, epoch: int) -> None:
-        self.base.on_train_epoch_start(epoch)
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        # CLML itself has no parameters; the base plugin may (e.g. learnable label estimates)
-        return self.base.param_groups()
-
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, base={self.base_loss_name}, lambda_={self.lambda_}, tau={self.tau}, "
             f"change_epoch={self.change_epoch}, delta={self.delta}"
         )
+
+
+def plugin_hooks() -> tuple[str, ...]:
+    """Names of the hooks of the plugin protocol: ``attach``, ``param_groups`` and every ``on_*``."""
+    return tuple(
+        name
+        for name, value in vars(LossPlugin).items()
+        if callable(value) and (name.startswith("on_") or name in ("attach", "param_groups"))
+    )
+
+
+def _forward_to_base(name: str) -> Any:
+    def hook(self: CLML, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.base, name)(*args, **kwargs)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"``{name}`` of the base plugin (CLML keeps no state of its own)."
+    return hook
+
+
+# CLML owns no parameters or state: every hook, including ones added to the protocol later (e.g.
+# on_train_targets, which initialises ROLE's label estimates), is the base plugin's
+for _name in plugin_hooks():
+    setattr(CLML, _name, _forward_to_base(_name))
