@@ -188,3 +188,20 @@ def test_resume_continues_the_same_shadow(tmp_path):
     assert_close_states(probe.shadow, {k: v.double() for k, v in saved["ema"].items()}, atol=0.0)
     assert_close_states(looptools.model_state(resumed), looptools.model_state(whole), atol=1e-6)
     assert_close_states(ema_resumed.shadow, {k: v.double() for k, v in ema_whole.shadow.items()}, atol=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="callbacks.py (H1): EMA updates in on_train_batch_end, i.e. on every batch, not on every "
+    "optimiser step as documented, so trainer.accumulate_grad_batches=k averages each step k times",
+)
+def test_shadow_updates_once_per_optimiser_step_with_gradient_accumulation():
+    torch.manual_seed(0)
+    dm = looptools.datamodule()  # 3 batches per epoch
+    model = looptools.module(dm)
+    ema, traj = EMA(decay=DECAY), Trajectory()
+    looptools.trainer(2, [ema, traj], accumulate_grad_batches=3, limit_val_batches=0).fit(
+        model, datamodule=dm
+    )
+    steps = traj.after[2::3]  # the optimiser steps after batches 3 and 6
+    assert_close_states(ema.shadow, ema_recursion(traj.start, steps, DECAY))
