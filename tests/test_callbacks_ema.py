@@ -156,6 +156,7 @@ class ShadowAtStart(L.Callback):
         self.shadow = {k: v.detach().clone() for k, v in self.ema.shadow.items()}
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_shadow(tmp_path):
     dm = looptools.datamodule()
     # unshuffled loaders: the data order of an uninterrupted and a resumed run is the same
