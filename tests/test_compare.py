@@ -108,6 +108,8 @@ def test_pairs_follow_the_seed_not_the_order():
     res = paired(x, b)
     assert res.n == 3 and res.diff == pytest.approx((1 + 1 + 1) / 3)
     assert res.p_t is None  # identical differences: the t-test is undefined, not "p = 0"
+    five = paired(pd.Series([1.0, 3.0, 2.0, 7.0, 4.0]), pd.Series([0.0] * 5))
+    assert five.p_t is not None and five.p_wilcoxon is None  # Wilcoxon only from 6 pairs on
 
 
 def test_fewer_than_two_pairs_is_na_and_single_run_has_no_pm(tmp_path: Path):

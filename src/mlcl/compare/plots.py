@@ -82,13 +82,18 @@ def per_class_heatmap(df: pd.DataFrame, rows: list[str], path: Path) -> Path:
     fig = _figure(max(4.0, 0.45 * values.shape[1] + 2.5), max(2.5, 0.45 * values.shape[0] + 1.5))
     ax = fig.subplots()
     im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=100)
-    ax.set_xticks(np.arange(values.shape[1]), [str(c) for c in table.columns], rotation=60, ha="right")
+    names = [str(c) for c in table.columns]
+    long_names = max(len(n) for n in names) > 3  # slanted only when names would overlap
+    ax.set_xticks(
+        np.arange(len(names)), names, rotation=60 if long_names else 0, ha="right" if long_names else "center"
+    )
     ax.set_yticks(np.arange(values.shape[0]), [str(i) for i in table.index])
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v) and values.size <= 400:
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
     fig.colorbar(im, ax=ax, label="test AP (%)")
-    ax.set_title(f"per-class AP · {_title(df)}", fontsize=10)
+    ax.set_xlabel("class")
+    ax.set_title(f"per-class test AP · {_title(df)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
