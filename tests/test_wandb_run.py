@@ -56,6 +56,8 @@ def test_jobs_in_one_process_get_their_own_runs_and_a_failed_job_is_marked(tmp_p
     for r in runs:
         assert r.tags == ["ablation", "asl", "digits", "small_cnn"] and r.job_type == "train"
         assert r.config["loss_name"] == "asl" and r.group == ""
+        # a single run is named by its own overrides, without where-to-write and logger choices
+        assert r.name == "loss=asl,++tags=[ablation]"
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 # overrides that say where things go, not what was run: left out of run names
-_NOISE = re.compile(r"^(\+|~)?(hydra\.|paths\.|logger\.|ckpt_path|init_ckpt|progress_bar)|(_dir|_path)$")
+_NOISE = re.compile(r"^[+~]*(hydra|paths|logger|ckpt_path|init_ckpt|progress_bar)(\.|$)|(_dir|_path)$")
 MAX_PR_POINTS = 101  # per class: enough for a smooth curve, small enough for a W&B table
 
 
@@ -150,8 +150,11 @@ def job(cfg: DictConfig, job_type: str) -> Iterator[Any]:
     The run is finished when the block exits: ``exit_code=0`` normally, ``1`` when it raised (W&B
     marks it failed), so the next job of a basic-launcher sweep starts a fresh run.
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
     settings = wandb_settings(cfg)
-    if settings is None:
+    # DDP / SLURM ranks > 0 re-run the entry point: only global rank 0 owns the job's W&B run
+    if settings is None or getattr(rank_zero_only, "rank", 0) != 0:
         yield None
         return
     import wandb
