@@ -248,6 +248,7 @@ def test_bad_arguments_one_line_exit_2(seeds_sweep: Path, capsys, argv: list[str
     err = capsys.readouterr().err
     assert err.startswith(f"mlcl-compare: error: {message}") and err.count("\n") == 1
     assert "Traceback" not in err
+    assert not (seeds_sweep / "compare").exists()  # nothing written on a bad call
 
 
 def test_no_runs_is_an_error(tmp_path: Path, capsys):

@@ -22,7 +22,7 @@ import pandas as pd
 from mlcl.compare.errors import CompareError
 from mlcl.compare.grouping import check_keys, default_group_keys
 from mlcl.compare.load import load_runs, metric_columns
-from mlcl.compare.plots import line_plot, per_class_heatmap
+from mlcl.compare.plots import line_plot, numeric_axis, per_class_heatmap, per_class_table
 from mlcl.compare.tables import build_table, parse_baseline, render
 
 EXTENSIONS = {"markdown": "md", "csv": "csv", "latex": "tex"}
@@ -103,6 +103,12 @@ def compare(args: argparse.Namespace) -> list[Path]:
     check_metrics(df, metrics)
     keys = resolve_keys(df, args.group_by, args.columns)
     baseline = parse_baseline(args.baseline)
+    line = _split(args.line) or [k for k in ("method", "loss") if k in df.columns and df[k].notna().any()][:1]
+    check_keys(df, line, "--line")
+    if args.plot:  # every argument is checked before anything is written
+        numeric_axis(df, args.plot)
+    if args.per_class:
+        per_class_table(df, line)
     table = build_table(df, metrics, keys, columns=args.columns, baseline=baseline)
     text = render(table, args.format)
     print(text)
@@ -112,9 +118,6 @@ def compare(args: argparse.Namespace) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = table_name(metrics, keys, args.columns, args.baseline)
     written = [_write(out / f"{stem}.{EXTENSIONS[args.format]}", text + "\n")]
-    line = _split(args.line) or [k for k in ("method", "loss") if k in df.columns and df[k].notna().any()][:1]
-    if args.line:
-        check_keys(df, line, "--line")
     if args.plot:
         path = out / _slug(f"plot_{metrics[0]}_vs_{args.plot}_by_{'+'.join(line)}.png")
         written.append(line_plot(df, args.plot, metrics[0], line, path))

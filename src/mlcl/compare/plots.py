@@ -29,15 +29,20 @@ def _title(df: pd.DataFrame) -> str:
     return " · ".join(parts)
 
 
-def line_plot(df: pd.DataFrame, x: str, metric: str, line: list[str], path: Path) -> Path:
-    """``metric`` (mean ± std over runs) against the numeric setting ``x``, one line per ``line`` value."""
+def numeric_axis(df: pd.DataFrame, x: str) -> pd.Series:
+    """The values of ``x`` as numbers, or a one-line error (unknown key, non-numeric values)."""
     if x not in df.columns:
         raise CompareError(f"--plot {x}: no such config key in these runs (e.g. missing_rate, optimizer.lr)")
     xs = pd.to_numeric(df[x], errors="coerce")
     if xs.isna().any():
         bad = ", ".join(sorted({str(v) for v, n in zip(df[x], xs) if pd.isna(n)})[:5])
         raise CompareError(f"--plot {x}: the x axis must be numeric, but {x} takes the values {bad}")
-    data = df.assign(_x=xs)
+    return xs
+
+
+def line_plot(df: pd.DataFrame, x: str, metric: str, line: list[str], path: Path) -> Path:
+    """``metric`` (mean ± std over runs) against the numeric setting ``x``, one line per ``line`` value."""
+    data = df.assign(_x=numeric_axis(df, x))
     fig = _figure(6.4, 4.2)
     ax = fig.subplots()
     labels = _labels(data, line)
