@@ -17,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs
+from mlcl import runs, wandb_run
 from mlcl.checkpoints import checkpoint_weights, read_checkpoint
+from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "seed": run_cfg.get("seed"),
         },
     }
+    if module.test_per_class is not None:
+        results["per_class"] = per_class_results(module.test_per_class, dm.class_names)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
     path = runs.write_json_new(out_dir / "eval_metrics.json", results)
     _print(results, path)
+    wandb_run.log_results(cfg, results, out_dir, module, files=[path])
     return results
 
 
@@ -81,7 +85,8 @@ def _print(results: dict[str, Any], path: Path) -> None:
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with wandb_run.job(cfg, "eval"):  # only with a W&B logger: mlcl-eval ... +logger=wandb
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

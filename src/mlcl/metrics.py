@@ -20,7 +20,13 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["MultilabelReport", "mean_average_precision", "multilabel_f1_scores", "yeast_metrics"]
+__all__ = [
+    "MultilabelReport",
+    "mean_average_precision",
+    "multilabel_f1_scores",
+    "per_class_results",
+    "yeast_metrics",
+]
 
 
 def _check(scores: Tensor, targets: Tensor) -> None:
@@ -181,6 +187,8 @@ class MultilabelReport(Metric):
         self.threshold = float(threshold)
         self.top_k = None if top_k is None else int(top_k)
         self.from_logits = bool(from_logits)
+        self.last_per_class: dict[str, Tensor] | None = None
+        self.last_outputs: tuple[Tensor, Tensor] | None = None
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
 
@@ -197,9 +205,23 @@ class MultilabelReport(Metric):
         scores = dim_zero_cat(self.scores)
         targets = dim_zero_cat(self.targets)
         probs = scores.sigmoid() if self.from_logits else scores
-        out = dict(mean_average_precision(scores, targets))
+        ap = average_precision_per_class(scores, targets)
+        out = {"mAP": (100.0 * ap.mean()).to(scores.dtype)}
+        # kept for per-class reports (metrics.json, W&B): AP in percent [C], observed positives [C],
+        # and the evaluated scores / targets [N, C] (PR curves)
+        self.last_per_class = {"AP": 100.0 * ap, "positives": (targets == 1).sum(0)}
+        self.last_outputs = (scores, targets)
         out.update(multilabel_f1_scores(probs, targets, self.threshold))
         if self.top_k is not None:
             top = multilabel_f1_scores(probs, targets, self.threshold, top_k=self.top_k)
             out.update({f"{k}_top{self.top_k}": v for k, v in top.items()})
         return out
+
+
+def per_class_results(per_class: dict[str, Tensor], class_names: list[str]) -> dict[str, dict[str, float]]:
+    """``{"AP": {class: AP %}, "positives": {class: count}}`` for ``metrics.json`` from ``[C]`` tensors."""
+    ap, pos = per_class["AP"].tolist(), per_class["positives"].tolist()
+    return {
+        "AP": {str(n): float(a) for n, a in zip(class_names, ap)},
+        "positives": {str(n): int(p) for n, p in zip(class_names, pos)},
+    }

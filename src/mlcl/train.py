@@ -17,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs
+from mlcl import runs, wandb_run
 from mlcl.data.datamodule import MultiLabelDataModule
+from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
+    if module.test_per_class is not None:
+        results["per_class"] = per_class_results(module.test_per_class, dm.class_names)
     if trainer.is_global_zero:
         path = runs.write_json_new(run_dir / runs.RESULT_FILE, results)
         _print_summary(results, path)
+        wandb_run.log_results(cfg, results, run_dir, module, files=[path, run_dir / "config.yaml"])
     return results
 
 
@@ -181,7 +185,8 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    results = run(cfg)
+    with wandb_run.job(cfg, "train"):  # one W&B run per job, finished (or marked failed) here
+        results = run(cfg)
     metric = cfg.get("optimized_metric")
     if metric:
         if metric == cfg.monitor and results.get("best_val") is not None:

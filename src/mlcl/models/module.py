@@ -110,6 +110,8 @@ class MLCLModule(L.LightningModule):
         self.test_metrics = MultilabelReport(num_classes, threshold=threshold, top_k=top_k, from_logits=True)
         self.num_views = int(num_views)
         self.skipped_steps = 0
+        self.test_per_class: dict[str, Tensor] | None = None
+        self.test_outputs: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ model
     def encode(self, x: Tensor) -> Tensor:
@@ -184,6 +186,8 @@ class MLCLModule(L.LightningModule):
 
     def _log_report(self, metrics: MultilabelReport, stage: str) -> None:
         report = metrics.compute()
+        if stage == "test":  # per-class AP and the test scores, for metrics.json and W&B
+            self.test_per_class, self.test_outputs = metrics.last_per_class, metrics.last_outputs
         self.log(f"{stage}/mAP", report["mAP"], prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in report.items() if k != "mAP"})
         metrics.reset()

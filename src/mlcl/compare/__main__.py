@@ -1,0 +1,3 @@
+from mlcl.compare.cli import main
+
+raise SystemExit(main())
