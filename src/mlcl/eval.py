@@ -60,6 +60,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         },
     }
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
+    if (cfg.get("diagnostics") or {}).get("enabled"):
+        from mlcl.diagnostics import run_diagnostics
+
+        results["representation"] = run_diagnostics(cfg, module, dm, out_dir)
     path = runs.write_json_new(out_dir / "eval_metrics.json", results)
     _print(results, path)
     return results
