@@ -125,7 +125,14 @@ TINY = [
 def test_train_and_eval_store_representation(tmp_path: Path):
     run_dir = tmp_path / "run"
     run_cli(
-        "mlcl.train", [*TINY, "diagnostics=embeddings", "diagnostics.color_by=2", f"hydra.run.dir={run_dir}"]
+        "mlcl.train",
+        [
+            *TINY,
+            "diagnostics=embeddings",
+            "diagnostics.color_by=2",
+            "ema.decay=0.5",
+            f"hydra.run.dir={run_dir}",
+        ],
     )
     res = json.loads((run_dir / "metrics.json").read_text())
     rep = res["representation"]
@@ -135,7 +142,7 @@ def test_train_and_eval_store_representation(tmp_path: Path):
     assert (run_dir / "embeddings.png").read_bytes()[:8] == PNG_MAGIC
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {f"representation/{k}" for k in keys} <= set(header)
-    # mlcl-eval on the best checkpoint embeds the same test rows with the same weights
+    # mlcl-eval on the best checkpoint embeds the same test rows with the same (EMA) weights
     out = tmp_path / "eval"
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     run_cli(

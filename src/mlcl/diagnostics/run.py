@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,25 @@ def representation_metrics(
     return out
 
 
+@contextmanager
+def evaluated_weights(module: Any) -> Iterator[None]:
+    """Within the block the module holds the weights its test metrics were computed with.
+
+    An EMA callback (``mlcl.callbacks.EMA``) of the module's last trainer swaps its averaged weights in
+    for testing and back out afterwards; the diagnostics swap them in the same way so they describe the
+    model that was tested. Without such a callback nothing changes.
+    """
+    trainer = getattr(module, "_trainer", None)
+    swaps = [cb for cb in getattr(trainer, "callbacks", None) or [] if hasattr(cb, "_swap_in")]
+    for cb in swaps:
+        cb._swap_in(module)
+    try:
+        yield
+    finally:
+        for cb in swaps:
+            cb._swap_out(module)
+
+
 def _loader(dm: Any, split: str, labels: str) -> DataLoader:
     """An eval-mode loader over ``split`` (train: eval transform, one view, ``labels`` full|observed)."""
     from mlcl.data.datamodule import LabeledSplit
@@ -168,40 +189,41 @@ def run_diagnostics(
     original = next(module.parameters()).device
     module.to(device)
     try:
-        train = None
-        if d.get("probe", True):
-            train = extract(module, _loader(datamodule, "train", d.get("probe_labels", "full")), device)
-        metrics: dict[str, float] = {}
-        pngs: dict[str, Path] = {}
-        for split in splits:
-            emb = extract(module, _loader(datamodule, split, "full"), device)
-            values = representation_metrics(
-                emb,
-                train,
-                k=int(d.get("k", 10)),
-                alpha=float(d.get("alpha", 2.0)),
-                t=float(d.get("t", 2.0)),
-                probe_reg=float(d.get("probe_reg", 1e-3)),
-                label_max_rows=int(d.get("label_max_rows", 1000)),
-                seed=int(d.get("seed", 0)),
-                device=device,
-            )
-            prefix = "" if split == "test" else f"{split}."
-            metrics.update({prefix + k: v for k, v in values.items()})
-            if int(d.get("max_points", 2000)) > 0:
-                name = "embeddings.png" if split == "test" else f"embeddings_{split}.png"
-                pngs[split] = tsne_png(
-                    emb.features,
-                    emb.labels,
-                    Path(run_dir) / name,
-                    color_by=color_by,
-                    class_names=getattr(datamodule, "class_names", None),
-                    max_points=int(d.get("max_points", 2000)),
-                    seed=int(d.get("seed", 0)),
-                    title=f"{cfg.get('loss_name') or ''} ({split})".strip(),
-                )
+        with evaluated_weights(module):
+            train = None
+            if d.get("probe", True):
+                train = extract(module, _loader(datamodule, "train", d.get("probe_labels", "full")), device)
+            embs = {split: extract(module, _loader(datamodule, split, "full"), device) for split in splits}
     finally:
         module.to(original)
+    metrics: dict[str, float] = {}
+    pngs: dict[str, Path] = {}
+    for split, emb in embs.items():
+        values = representation_metrics(
+            emb,
+            train,
+            k=int(d.get("k", 10)),
+            alpha=float(d.get("alpha", 2.0)),
+            t=float(d.get("t", 2.0)),
+            probe_reg=float(d.get("probe_reg", 1e-3)),
+            label_max_rows=int(d.get("label_max_rows", 1000)),
+            seed=int(d.get("seed", 0)),
+            device=device,
+        )
+        prefix = "" if split == "test" else f"{split}."
+        metrics.update({prefix + k: v for k, v in values.items()})
+        if int(d.get("max_points", 2000)) > 0:
+            name = "embeddings.png" if split == "test" else f"embeddings_{split}.png"
+            pngs[split] = tsne_png(
+                emb.features,
+                emb.labels,
+                Path(run_dir) / name,
+                color_by=color_by,
+                class_names=getattr(datamodule, "class_names", None),
+                max_points=int(d.get("max_points", 2000)),
+                seed=int(d.get("seed", 0)),
+                title=f"{cfg.get('loss_name') or ''} ({split})".strip(),
+            )
     dropped = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if dropped:
         log.warning("representation diagnostics without a value (too few positives?): %s", dropped)
