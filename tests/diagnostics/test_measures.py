@@ -226,3 +226,19 @@ def test_probe_separable_vs_random_labels():
     scores = (((z_te.double() - mean) / std) @ w + b).numpy()
     ref = np.mean([average_precision_score(y_te[:, k].numpy(), scores[:, k]) for k in range(c)])
     assert got == pytest.approx(100 * ref, rel=1e-6)
+
+
+def test_bench_rows_cover_every_diagnostic():
+    from mlcl.diagnostics.bench import bench_rows
+
+    rows = bench_rows(rows=200, dim=8, classes=5, label_rows=50, label_dim=4)
+    assert [r["name"].split(" ")[0] for r in rows] == [
+        "alignment",
+        "uniformity",
+        "retrieval",
+        "linear",
+        "label",
+        "label",
+    ]
+    assert all(r["rows"] == 200 and math.isfinite(r["seconds"]) for r in rows)
+    assert rows[4]["shape"] == "[50, 5, 4]"
