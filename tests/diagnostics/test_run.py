@@ -82,6 +82,7 @@ def test_extract_reads_the_head_outputs(loss, feature_key, label_key):
     assert ("label_alignment" in metrics) == (label_key is not None)
 
 
+@pytest.mark.slow
 def test_tsne_png_and_grid(tmp_path: Path):
     from matplotlib.image import imread
 
@@ -110,6 +111,28 @@ def test_color_by_must_name_a_class():
     for bad in ("4", "red", -1):
         with pytest.raises(UserError, match="diagnostics.color_by"):
             _color_by(bad, 4)
+
+
+def test_log_sends_numbers_to_every_logger_and_the_picture_to_wandb(tmp_path: Path):
+    from unittest import mock
+
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from mlcl.diagnostics.run import _log
+
+    csv, wandb = (
+        mock.create_autospec(CSVLogger, instance=True),
+        mock.create_autospec(WandbLogger, instance=True),
+    )
+    png = tmp_path / "embeddings.png"
+    _log([csv, wandb], {"alignment": 0.5, "val.uniformity": -1.0}, {"test": png})
+    for lg in (csv, wandb):
+        lg.log_metrics.assert_called_once_with(
+            {"representation/alignment": 0.5, "representation/val.uniformity": -1.0}
+        )
+        lg.save.assert_called_once()
+    wandb.log_image.assert_called_once_with(key="representation/embeddings_test", images=[str(png)])
+    assert not hasattr(csv, "log_image")
 
 
 TINY = [
