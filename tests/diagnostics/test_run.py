@@ -25,7 +25,7 @@ def loss_cfg(name: str, **over) -> dict:
     return cfg
 
 
-def module_for(loss: dict):
+def module_for(loss: dict, num_classes: int = 5):
     from mlcl.models.module import MLCLModule
 
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def module_for(loss: dict):
         backbone={"name": "small_cnn", "width": 8},
         loss=loss,
         optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-3},
-        num_classes=5,
+        num_classes=num_classes,
         num_samples=16,
         in_chans=1,
     )
@@ -133,6 +133,51 @@ def test_log_sends_numbers_to_every_logger_and_the_picture_to_wandb(tmp_path: Pa
         lg.save.assert_called_once()
     wandb.log_image.assert_called_once_with(key="representation/embeddings_test", images=[str(png)])
     assert not hasattr(csv, "log_image")
+
+
+@pytest.mark.parametrize("labels", ["full", "observed"])
+def test_run_diagnostics_probe_rows_labels_and_split_names(labels, tmp_path: Path):
+    from unittest import mock
+
+    from hydra.utils import instantiate
+    from tests.conftest import compose
+
+    from mlcl.diagnostics import run as run_mod
+    from mlcl.diagnostics.plot import subsample
+
+    cfg = compose(
+        [
+            "data.source.sizes.train=80",
+            "data.source.sizes.val=24",
+            "data.source.sizes.test=30",
+            "diagnostics=embeddings",
+        ]
+        + [f"diagnostics.probe_labels={labels}", "diagnostics.probe_max_train=50", "diagnostics.max_points=0"]
+        + ["diagnostics.splits=[val,test]"]
+    )
+    dm = instantiate(cfg.data, missing={"mode": "uniform", "rate": 0.5, "seed": 0}, num_views=1)
+    dm.setup("fit")
+    module = module_for(loss_cfg("bce"), num_classes=dm.num_classes)
+    seen = []
+
+    def record(train_z, train_y, test_z, test_y, reg):
+        seen.append((train_z.shape[0], train_y.clone(), test_y.clone(), reg))
+        return 12.5
+
+    with mock.patch.object(run_mod, "linear_probe_map", side_effect=record):
+        out = run_mod.run_diagnostics(cfg, module, dm, tmp_path)
+    keep = subsample(80, 50, 0)
+    full = dm.splits["train"].source.targets.long()
+    want = full[keep] if labels == "full" else dm.train_targets[keep]
+    assert (labels == "observed") == bool((want == -1).any())  # the mask really differs
+    assert [s[0] for s in seen] == [50, 50]
+    torch.testing.assert_close(seen[0][1], want)
+    torch.testing.assert_close(seen[0][2], dm.splits["val"].targets)
+    torch.testing.assert_close(seen[1][2], dm.splits["test"].targets)
+    assert seen[0][3] == pytest.approx(1e-3)
+    assert out["probe_mAP"] == 12.5 and out["val.probe_mAP"] == 12.5
+    assert {"alignment", "val.alignment", "retrieval_wAP@10", "val.retrieval_wAP@10"} <= out.keys()
+    assert not list(tmp_path.glob("*.png"))
 
 
 TINY = [

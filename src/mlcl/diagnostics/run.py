@@ -128,14 +128,23 @@ def evaluated_weights(module: Any) -> Iterator[None]:
             cb._swap_out(module)
 
 
-def _loader(dm: Any, split: str, labels: str) -> DataLoader:
-    """An eval-mode loader over ``split`` (train: eval transform, one view, ``labels`` full|observed)."""
+def _loader(dm: Any, split: str, labels: str = "full", max_rows: int = 0, seed: int = 0) -> DataLoader:
+    """An eval-mode loader over ``split`` (train: eval transform, one view, ``labels`` full|observed,
+    at most ``max_rows`` rows drawn at random when > 0)."""
+    from torch.utils.data import Subset
+
     from mlcl.data.datamodule import LabeledSplit
 
     ds = dm.splits[split]
     if split == "train":
+        if labels not in ("full", "observed"):
+            raise UserError(
+                f"diagnostics.probe_labels={labels!r}", "diagnostics.probe_labels", "use full or observed"
+            )
         targets = ds.source.targets.long() if labels == "full" else ds.targets
         ds = LabeledSplit(ds.source, targets, dm.splits["test"].transform, num_views=1)
+    if max_rows > 0 and len(ds) > max_rows:
+        ds = Subset(ds, subsample(len(ds), max_rows, seed).tolist())
     return DataLoader(ds, batch_size=dm.eval_batch_size, shuffle=False, num_workers=dm.num_workers)
 
 
@@ -192,8 +201,15 @@ def run_diagnostics(
         with evaluated_weights(module):
             train = None
             if d.get("probe", True):
-                train = extract(module, _loader(datamodule, "train", d.get("probe_labels", "full")), device)
-            embs = {split: extract(module, _loader(datamodule, split, "full"), device) for split in splits}
+                loader = _loader(
+                    datamodule,
+                    "train",
+                    d.get("probe_labels", "full"),
+                    int(d.get("probe_max_train") or 0),
+                    int(d.get("seed", 0)),
+                )
+                train = extract(module, loader, device)
+            embs = {split: extract(module, _loader(datamodule, split), device) for split in splits}
     finally:
         module.to(original)
     metrics: dict[str, float] = {}
