@@ -234,11 +234,25 @@ def test_bench_rows_cover_every_diagnostic():
     rows = bench_rows(rows=200, dim=8, classes=5, label_rows=50, label_dim=4)
     assert [r["name"].split(" ")[0] for r in rows] == [
         "alignment",
-        "uniformity",
         "retrieval",
         "linear",
         "label",
         "label",
     ]
     assert all(r["rows"] == 200 and math.isfinite(r["seconds"]) for r in rows)
-    assert rows[4]["shape"] == "[50, 5, 4]"
+    assert rows[3]["shape"] == "[50, 5, 4]"
+
+
+def test_fused_pass_equals_separate_values():
+    from mlcl.diagnostics import alignment_uniformity
+
+    z, y = random_data(n=29)
+    a, u = alignment_uniformity(z, y, 1.5, 3.0, budget=2 * 29)
+    zn = [unit(r) for r in z.numpy().astype(np.float64)]
+    pairs = [(i, j) for i in range(29) for j in range(29) if i != j]
+    want_a = np.mean(
+        [np.linalg.norm(zn[i] - zn[j]) ** 1.5 for i, j in pairs if pos_set(y[i]) & pos_set(y[j])]
+    )
+    want_u = math.log(np.mean([np.exp(-3.0 * np.sum((zn[i] - zn[j]) ** 2)) for i, j in pairs]))
+    assert (a, u) == pytest.approx((want_a, want_u), rel=1e-5)
+    assert math.isnan(alignment_uniformity(z, None)[0])

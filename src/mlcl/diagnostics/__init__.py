@@ -4,7 +4,7 @@ Pure, vectorised functions on embeddings (:mod:`.geometry`, :mod:`.retrieval`, :
 (:mod:`.plot`) and the run-level entry point :func:`run_diagnostics` (:mod:`.run`).
 """
 
-from mlcl.diagnostics.geometry import alignment, label_alignment_uniformity, uniformity
+from mlcl.diagnostics.geometry import alignment, alignment_uniformity, label_alignment_uniformity, uniformity
 from mlcl.diagnostics.plot import embedding_grid, tsne_png
 from mlcl.diagnostics.probe import linear_probe_map
 from mlcl.diagnostics.retrieval import jaccard, label_retrieval_ap, retrieval_scores
@@ -13,6 +13,7 @@ from mlcl.diagnostics.run import Embeddings, extract, representation_metrics, ru
 __all__ = [
     "Embeddings",
     "alignment",
+    "alignment_uniformity",
     "embedding_grid",
     "extract",
     "jaccard",

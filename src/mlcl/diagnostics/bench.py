@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mlcl.diagnostics.geometry import alignment, label_alignment_uniformity, uniformity
+from mlcl.diagnostics.geometry import alignment_uniformity, label_alignment_uniformity
 from mlcl.diagnostics.probe import linear_probe_map
 from mlcl.diagnostics.retrieval import label_retrieval_ap, retrieval_scores
 
@@ -53,8 +53,7 @@ def bench_rows(
     e = torch.randn(label_rows, classes, label_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     ye = y[:label_rows]
     cases: list[tuple[str, str, Callable[[], Any]]] = [
-        ("alignment", f"[{rows}, {dim}]", lambda: alignment(z, y)),
-        ("uniformity", f"[{rows}, {dim}]", lambda: uniformity(z)),
+        ("alignment + uniformity", f"[{rows}, {dim}]", lambda: alignment_uniformity(z, y)),
         ("retrieval (wAP, wAP@10, nDCG@10)", f"[{rows}, {dim}]", lambda: retrieval_scores(z, y)),
         ("linear probe (ridge)", f"[{rows}, {dim}] x2", lambda: linear_probe_map(z_train, y_train, z, y)),
         (

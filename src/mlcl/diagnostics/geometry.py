@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "alignment",
+    "alignment_uniformity",
     "label_alignment_uniformity",
     "positives",
     "row_chunks",
@@ -41,44 +42,50 @@ def _sq_dist(zb: Tensor, z: Tensor) -> Tensor:
     return (2.0 - 2.0 * zb @ z.T).clamp_min(0.0)
 
 
-def alignment(z: Tensor, labels: Tensor, alpha: float = 2.0, budget: int = BUDGET) -> float:
-    """Alignment ``E_{(i,j) positive} ||f_i - f_j||^alpha`` of the L2-normalised rows of ``z``.
+def alignment_uniformity(
+    z: Tensor, labels: Tensor | None, alpha: float = 2.0, t: float = 2.0, budget: int = BUDGET
+) -> tuple[float, float]:
+    """Alignment and uniformity of the L2-normalised rows of ``z`` ``[N, D]`` in one pass over the pairs.
 
-    ``z`` ``[N, D]``; ``labels`` ``[N, C]`` in ``{1, 0, -1}``. Positive pairs are ordered pairs
-    ``i != j`` sharing at least one positive label. Lower is better (0: all positives coincide);
-    NaN when there is no positive pair.
+    * alignment ``E_{(i,j) positive} ||f_i - f_j||^alpha``: positive pairs are ordered pairs ``i != j``
+      sharing at least one positive label of ``labels`` ``[N, C]`` (``{1, 0, -1}``). Lower is better
+      (0: all positives coincide); NaN when there is no positive pair or ``labels`` is None.
+    * uniformity ``log E_{i != j} exp(-t ||f_i - f_j||^2)``: lower is more uniform (about -4 for many
+      points spread over a high-dimensional sphere, t=2); NaN for fewer than two rows. Computed as a
+      streamed log-sum-exp, so it never underflows.
     """
     z = F.normalize(z.float(), dim=1)
-    y = positives(labels).to(z.device)
+    y = positives(labels).to(z.device) if labels is not None else None
     n = z.shape[0]
     total = z.new_zeros((), dtype=torch.float64)
     count = 0
+    parts = []
     for rows in row_chunks(n, n, budget):
         d2 = _sq_dist(z[rows], z)
-        mask = (y[rows] @ y.T) > 0
-        mask[torch.arange(rows.stop - rows.start), torch.arange(rows.start, rows.stop)] = False
-        dist = d2 if alpha == 2.0 else d2.sqrt().pow(alpha)
-        total += (dist * mask).sum(dtype=torch.float64)
-        count += int(mask.sum())
-    return float(total / count) if count else math.nan
+        diag = (torch.arange(rows.stop - rows.start), torch.arange(rows.start, rows.stop))
+        if y is not None:
+            mask = (y[rows] @ y.T) > 0
+            mask[diag] = False
+            dist = d2 if alpha == 2.0 else d2.sqrt().pow(alpha)
+            total += (dist * mask).sum(dtype=torch.float64)
+            count += int(mask.sum())
+        logits = -t * d2
+        logits[diag] = -math.inf
+        parts.append(torch.logsumexp(logits.flatten().double(), 0))
+    align = float(total / count) if count else math.nan
+    unif = float(torch.logsumexp(torch.stack(parts), 0) - math.log(n * (n - 1))) if n > 1 else math.nan
+    return align, unif
+
+
+def alignment(z: Tensor, labels: Tensor, alpha: float = 2.0, budget: int = BUDGET) -> float:
+    """Alignment of ``z`` ``[N, D]`` over pairs sharing a label of ``labels`` ``[N, C]``
+    (see :func:`alignment_uniformity`)."""
+    return alignment_uniformity(z, labels, alpha, budget=budget)[0]
 
 
 def uniformity(z: Tensor, t: float = 2.0, budget: int = BUDGET) -> float:
-    """Uniformity ``log E_{i != j} exp(-t ||f_i - f_j||^2)`` of the L2-normalised rows of ``z`` ``[N, D]``.
-
-    Lower is more uniform (about -4 for many points spread over a high-dimensional sphere, t=2);
-    NaN for fewer than two rows. Computed as a streamed log-sum-exp, so it never underflows.
-    """
-    z = F.normalize(z.float(), dim=1)
-    n = z.shape[0]
-    if n < 2:
-        return math.nan
-    parts = []
-    for rows in row_chunks(n, n, budget):
-        logits = -t * _sq_dist(z[rows], z)
-        logits[torch.arange(rows.stop - rows.start), torch.arange(rows.start, rows.stop)] = -math.inf
-        parts.append(torch.logsumexp(logits.flatten().double(), 0))
-    return float(torch.logsumexp(torch.stack(parts), 0) - math.log(n * (n - 1)))
+    """Uniformity of ``z`` ``[N, D]`` (see :func:`alignment_uniformity`)."""
+    return alignment_uniformity(z, None, t=t, budget=budget)[1]
 
 
 def label_alignment_uniformity(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from mlcl.diagnostics.geometry import alignment, label_alignment_uniformity, uniformity
+from mlcl.diagnostics.geometry import alignment_uniformity, label_alignment_uniformity
 from mlcl.diagnostics.plot import subsample, tsne_png
 from mlcl.diagnostics.probe import linear_probe_map
 from mlcl.diagnostics.retrieval import label_retrieval_ap, retrieval_scores
@@ -89,7 +89,8 @@ def representation_metrics(
     over labels that have a value).
     """
     z, y = emb.features.to(device), emb.labels.to(device)
-    out = {"alignment": alignment(z, y, alpha), "uniformity": uniformity(z, t)}
+    align, unif = alignment_uniformity(z, y, alpha, t)
+    out = {"alignment": align, "uniformity": unif}
     out.update({f"retrieval_{key}": v for key, v in retrieval_scores(z, y, (k,)).items()})
     if train is not None:
         out["probe_mAP"] = linear_probe_map(
