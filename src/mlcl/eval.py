@@ -63,6 +63,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if module.test_per_class is not None:
         results["per_class"] = per_class_results(module.test_per_class, dm.class_names)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
+    if (cfg.get("diagnostics") or {}).get("enabled"):
+        from mlcl.diagnostics import run_diagnostics
+
+        results["representation"] = run_diagnostics(cfg, module, dm, out_dir)
     path = runs.write_json_new(out_dir / "eval_metrics.json", results)
     _print(results, path)
     wandb_run.log_results(cfg, results, out_dir, module, files=[path])

@@ -159,6 +159,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if module.test_per_class is not None:
         results["per_class"] = per_class_results(module.test_per_class, dm.class_names)
+    if (cfg.get("diagnostics") or {}).get("enabled") and trainer.is_global_zero:
+        from mlcl.diagnostics import run_diagnostics
+
+        results["representation"] = run_diagnostics(cfg, module, dm, run_dir, loggers)
     if trainer.is_global_zero:
         path = runs.write_json_new(run_dir / runs.RESULT_FILE, results)
         _print_summary(results, path)
