@@ -136,12 +136,14 @@ class SkipBudget(L.Callback):
         self.seen, self.skipped = int(state_dict["seen"]), int(state_dict["skipped"])
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool = True) -> list[L.Callback]:
+def build_callbacks(
+    cfg: DictConfig, run_dir: Path, with_logger: bool = True, debug: bool = False
+) -> list[L.Callback]:
     """Instantiate ``cfg.callbacks`` (name -> config; null entries are off) for a run in ``run_dir``.
 
     The checkpoint callback writes into ``<run_dir>/checkpoints`` unless ``dirpath`` is set; the LR
     monitor needs a logger; the legacy keys ``progress_bar: false`` and ``ema.decay: null`` switch
-    the progress bar and EMA off.
+    the progress bar and EMA off. Debug runs (``debug=True``) write no checkpoints.
     """
     cbs: list[L.Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -150,7 +152,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool = True) ->
         spec = OmegaConf.to_container(node, resolve=True)
         if name == "progress_bar" and not cfg.get("progress_bar", True):
             continue
-        if name == "lr_monitor" and not with_logger:
+        if (name == "lr_monitor" and not with_logger) or (name == "model_checkpoint" and debug):
             continue
         if spec.get("_target_") == "mlcl.callbacks.EMA" and spec.get("decay") is None:
             continue

@@ -32,7 +32,8 @@ RESULT_FILE = "metrics.json"
 DEBUG_RESULT_FILE = "debug_metrics.json"  # debug runs: never read by mlcl-compare
 LAST = "last.ckpt"
 # files another run leaves behind: their presence means the directory is taken
-RUN_FILES = (RESULT_FILE, "checkpoints", "metrics.csv", "config.yaml", "train.log", ".hydra")
+# (.hydra alone is not: pipelines write it before calling mlcl.train.run in-process)
+RUN_FILES = (RESULT_FILE, "checkpoints", "metrics.csv", "config.yaml", "train.log")
 TMP_MARK = ".tmp-"
 
 

@@ -149,7 +149,7 @@ def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float) -> dict[str
         lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "tags": tags})
     budget = SkipBudget(float(cfg.model.get("max_skipped_fraction", 0.1)))
     callbacks = [
-        *build_callbacks(cfg, run_dir, bool(loggers)),
+        *build_callbacks(cfg, run_dir, bool(loggers), debug=_is_debug(cfg)),
         RNGState(cfg.seed),
         budget,
         runlog.EpochSummary(),

@@ -26,3 +26,14 @@ class SigkillAt(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
         if self.during == "validation" and trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaiseAt(L.Callback):
+    """Raise ``RuntimeError(message)`` at the first training batch with ``global_step >= step``."""
+
+    def __init__(self, step: int, message: str = "injected failure") -> None:
+        self.step, self.message = int(step), message
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(self.message)
