@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs
+from mlcl import runlog, runs
 from mlcl.checkpoints import checkpoint_weights, read_checkpoint
 from mlcl.models.module import MLCLModule
 
@@ -81,7 +81,15 @@ def _print(results: dict[str, Any], path: Path) -> None:
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    handler = runlog.attach_file_log(out_dir, "eval.log")  # Hydra itself writes no log file
+    try:
+        evaluate(cfg)
+    except BaseException:
+        log.exception("evaluation failed")
+        raise
+    finally:
+        runlog.detach_file_log(handler)
 
 
 if __name__ == "__main__":

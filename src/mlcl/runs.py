@@ -60,6 +60,17 @@ def slurm_requeued(env: Mapping[str, str] | None = None) -> bool:
         return False
 
 
+def is_rank_zero(env: Mapping[str, str] | None = None) -> bool:
+    """False in the extra processes of a DDP run (Lightning's LOCAL_RANK/NODE_RANK, torchrun's RANK,
+    srun's SLURM_PROCID): they follow rank 0's decision about the run directory and write no record."""
+    env = os.environ if env is None else env
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        value = env.get(key, "0") or "0"
+        if value.isdigit() and int(value) > 0:
+            return False
+    return True
+
+
 def taken(run_dir: Path) -> list[str]:
     """The names in ``run_dir`` that another run wrote (empty when the directory is free)."""
     return [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -69,9 +80,11 @@ def plan_run(run_dir: Path, ckpt_path: str | None, env: Mapping[str, str] | None
     """Decide where and how a run proceeds (see the module docstring); raises UserError when refused.
 
     ``run_dir`` is the directory Hydra chose for this command (already created, possibly empty).
-    Reads only; the caller writes nothing into the directory before this returns.
+    Reads only; the caller writes nothing into the directory before this returns. Non-zero DDP
+    ranks start after rank 0 accepted (and began writing) the directory: they are never refused.
     """
     run_dir = Path(run_dir).resolve()
+    check = is_rank_zero(env)
     if ckpt_path is None and slurm_requeued(env):
         ckpt_path = "last"
     if ckpt_path is not None and str(ckpt_path).strip().lower() == "last":
@@ -91,9 +104,9 @@ def plan_run(run_dir: Path, ckpt_path: str | None, env: Mapping[str, str] | None
             )
         owner = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
         if owner is None:  # a loose checkpoint: continue training from it in a new run
-            _refuse_if_taken(run_dir, f"ckpt_path={ckpt_path}")
+            _refuse_if_taken(run_dir, f"ckpt_path={ckpt_path}", check)
             return RunPlan(run_dir, ckpt_path=ckpt, reason=f"starting from {ckpt} (not inside a run)")
-        if owner != run_dir and taken(run_dir):
+        if check and owner != run_dir and taken(run_dir):
             raise UserError(
                 f"ckpt_path belongs to run {owner} but the output directory {run_dir} holds another run "
                 f"({', '.join(taken(run_dir))}); nothing was changed",
@@ -103,12 +116,12 @@ def plan_run(run_dir: Path, ckpt_path: str | None, env: Mapping[str, str] | None
         if (owner / RESULT_FILE).is_file():
             return RunPlan(owner, finished=True, reason=f"{owner / RESULT_FILE} exists: already finished")
         return RunPlan(owner, ckpt_path=ckpt, reason=f"resuming from {ckpt}")
-    _refuse_if_taken(run_dir, "hydra.run.dir")
+    _refuse_if_taken(run_dir, "hydra.run.dir", check)
     return RunPlan(run_dir)
 
 
-def _refuse_if_taken(run_dir: Path, where: str) -> None:
-    names = taken(run_dir)
+def _refuse_if_taken(run_dir: Path, where: str, check: bool = True) -> None:
+    names = taken(run_dir) if check else []
     if names:
         raise UserError(
             f"{run_dir} already holds results ({', '.join(names)}); nothing was changed",

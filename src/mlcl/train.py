@@ -113,23 +113,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with contextlib.suppress(OSError):
             Path(hydra_dir).rmdir()  # the empty directory Hydra made for this command
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = runlog.attach_file_log(run_dir)
+    leader = runs.is_rank_zero()  # other DDP ranks neither log to the file nor write the record
+    handler = runlog.attach_file_log(run_dir) if leader else None
     try:
-        return _run_accepted(cfg, plan, start)
+        return _run_accepted(cfg, plan, start, leader)
     except BaseException:
         log.exception("run failed")  # the traceback goes to train.log before any short message
         raise
     finally:
-        runlog.detach_file_log(handler)
+        if handler is not None:
+            runlog.detach_file_log(handler)
 
 
-def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float) -> dict[str, Any]:
+def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float, leader: bool = True) -> dict[str, Any]:
     run_dir = plan.run_dir
-    runs.remove_stale_tmp(run_dir)
-    runs.write_run_record(run_dir, cfg)
-    runlog.record_config(cfg, resumed_from=str(plan.ckpt_path) if plan.resume else None)
+    if leader:
+        runs.remove_stale_tmp(run_dir)
+        runs.write_run_record(run_dir, cfg)
+        runlog.record_config(cfg, resumed_from=str(plan.ckpt_path) if plan.resume else None)
     log.info("run directory %s: %s", run_dir, plan.reason)
-    if cfg.get("print_config", True):
+    if cfg.get("print_config", True) and leader:
         runlog.print_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -311,3 +311,16 @@ def test_debug_configs_compose():
         assert cfg.trainer[key] == value and cfg.debug_run and cfg.task_name == "debug"
         assert cfg.callbacks.model_checkpoint is None and cfg.logger is None
     assert compose(["debug=profile"]).trainer.profiler == "simple"
+
+
+def test_other_ddp_ranks_follow_rank_zero(tmp_path: Path):
+    taken_dir = make_run(tmp_path / "run", last=False)  # rank 0 already started writing here
+    for env in (
+        {"LOCAL_RANK": "1"},
+        {"RANK": "3"},
+        {"NODE_RANK": "1", "LOCAL_RANK": "0"},
+        {"SLURM_PROCID": "2"},
+    ):
+        assert runs.plan_run(taken_dir, None, env=env).run_dir == taken_dir.resolve()
+    with pytest.raises(UserError):
+        runs.plan_run(taken_dir, None, env={"LOCAL_RANK": "0", "SLURM_PROCID": "0"})
