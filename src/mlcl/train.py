@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from mlcl import runlog, runs
@@ -157,8 +158,11 @@ def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float, leader: boo
         budget,
         runlog.EpochSummary(),
     ]
+    # without a checkpoint callback Lightning would add its own (epoch=..-step=...ckpt): none is wanted
+    has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
+        **({} if has_ckpt else {"enable_checkpointing": False}),
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=run_dir,

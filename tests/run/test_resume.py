@@ -216,7 +216,7 @@ def test_failure_traceback_goes_to_train_log(tmp_path: Path):
 
 
 def test_debug_runs_write_no_results(tmp_path: Path):
-    for i, extra in enumerate((["debug=fdr"], ["+trainer.fast_dev_run=true"])):
+    for i, extra in enumerate((["debug=overfit", "trainer.max_epochs=1"], ["+trainer.fast_dev_run=true"])):
         run_dir = tmp_path / str(i)
         train([*TINY, f"hydra.run.dir={run_dir}", *extra])
         assert not (run_dir / "metrics.json").exists(), extra
