@@ -105,14 +105,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.output_dir
     plan = runs.plan_run(Path(hydra_dir), cfg.get("ckpt_path"))
-    if plan.finished:
-        log.info("%s; nothing to do (results: %s)", plan.reason, plan.run_dir / runs.RESULT_FILE)
-        return runs.read_results(plan.run_dir)
     run_dir = plan.run_dir
     if run_dir != Path(hydra_dir).resolve():  # resuming into the checkpoint's own run
-        runs.redirect_hydra_output(run_dir)
         with contextlib.suppress(OSError):
             Path(hydra_dir).rmdir()  # the empty directory Hydra made for this command
+    if plan.finished:
+        log.info("%s; nothing to do (results: %s)", plan.reason, run_dir / runs.RESULT_FILE)
+        return runs.read_results(run_dir)
+    if run_dir != Path(hydra_dir).resolve():
+        runs.redirect_hydra_output(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     leader = runs.is_rank_zero()  # other DDP ranks neither log to the file nor write the record
     handler = runlog.attach_file_log(run_dir) if leader else None
