@@ -1,13 +1,19 @@
-"""Training callbacks: exponential moving average of the weights (EMA)."""
+"""Training callbacks: exponential moving average of the weights (EMA), the skipped-step budget, and
+:func:`build_callbacks`, which turns the ``callbacks`` config group into callback objects."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+
+from mlcl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +90,73 @@ class EMA(L.Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if "ema" in checkpoint:
             self.shadow = {k: v.clone() for k, v in checkpoint["ema"].items()}
+
+
+class SkipBudget(L.Callback):
+    """Stop the run when more than ``max_fraction`` of the training steps so far were skipped.
+
+    ``model.on_nonfinite=skip`` skips steps whose loss is NaN/inf; a diverged run would otherwise
+    skip every step and finish at chance level with exit status 0. The share is checked at every
+    epoch end and, once ``min_steps`` batches were seen, after every batch. Counts are kept in the
+    checkpoint, so a resumed run continues them; :attr:`skipped` is reported in ``metrics.json``.
+    """
+
+    def __init__(self, max_fraction: float = 0.1, min_steps: int = 50) -> None:
+        self.max_fraction, self.min_steps = float(max_fraction), int(min_steps)
+        self.seen, self.skipped, self._module_count = 0, 0, 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._module_count = int(getattr(pl_module, "skipped_steps", 0))
+
+    def _check(self) -> None:
+        if self.seen and self.skipped > self.max_fraction * self.seen:
+            raise UserError(
+                f"{self.skipped} of {self.seen} training steps had a non-finite loss and were skipped "
+                f"(more than {self.max_fraction:.0%}); the run has diverged",
+                "model.on_nonfinite=skip, model.max_skipped_fraction",
+                "lower optimizer.lr, use trainer.precision=32 or trainer.gradient_clip_val=1.0, or raise "
+                "model.max_skipped_fraction",
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        count = int(getattr(pl_module, "skipped_steps", 0))
+        self.seen += 1
+        self.skipped += count - self._module_count
+        self._module_count = count
+        if self.seen >= self.min_steps:
+            self._check()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seen, self.skipped = int(state_dict["seen"]), int(state_dict["skipped"])
+
+
+def build_callbacks(
+    cfg: DictConfig, run_dir: Path, with_logger: bool = True, debug: bool = False
+) -> list[L.Callback]:
+    """Instantiate ``cfg.callbacks`` (name -> config; null entries are off) for a run in ``run_dir``.
+
+    The checkpoint callback writes into ``<run_dir>/checkpoints`` unless ``dirpath`` is set; the LR
+    monitor needs a logger; the legacy keys ``progress_bar: false`` and ``ema.decay: null`` switch
+    the progress bar and EMA off. Debug runs (``debug=True``) write no checkpoints.
+    """
+    cbs: list[L.Callback] = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        spec = OmegaConf.to_container(node, resolve=True)
+        if name == "progress_bar" and not cfg.get("progress_bar", True):
+            continue
+        if (name == "lr_monitor" and not with_logger) or (name == "model_checkpoint" and debug):
+            continue
+        if spec.get("_target_") == "mlcl.callbacks.EMA" and spec.get("decay") is None:
+            continue
+        if name == "model_checkpoint" and spec.get("dirpath") is None:
+            spec["dirpath"] = str(Path(run_dir) / "checkpoints")
+        cbs.append(instantiate(spec))
+    return cbs

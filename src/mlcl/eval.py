@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs, wandb_run
+from mlcl import runlog, runs, wandb_run
 from mlcl.checkpoints import checkpoint_weights, read_checkpoint
 from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
@@ -89,8 +89,16 @@ def _print(results: dict[str, Any], path: Path) -> None:
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with wandb_run.job(cfg, "eval"):  # only with a W&B logger: mlcl-eval ... +logger=wandb
-        evaluate(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    handler = runlog.attach_file_log(out_dir, "eval.log")  # Hydra itself writes no log file
+    try:
+        with wandb_run.job(cfg, "eval"):  # only with a W&B logger: mlcl-eval ... +logger=wandb
+            evaluate(cfg)
+    except BaseException:
+        log.exception("evaluation failed")
+        raise
+    finally:
+        runlog.detach_file_log(handler)
 
 
 if __name__ == "__main__":

@@ -240,7 +240,8 @@ def select_stage1_checkpoint(
     """
     results = results or {}
     best = results.get("best_ckpt")
-    if best and Path(best).is_file():
+    best = Path(run_dir) / best if best else None  # metrics.json stores it relative to the run
+    if best and best.is_file():
         score = results.get("best_val")
         at = f" = {float(score):.2f}" if isinstance(score, (int, float)) else ""
         return Path(best), f"best {monitor}{at}"

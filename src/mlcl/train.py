@@ -6,7 +6,9 @@ the best checkpoint and writes ``metrics.json`` into the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,15 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs, wandb_run
+from mlcl import runlog, runs, wandb_run
+from mlcl.callbacks import SkipBudget, build_callbacks
 from mlcl.data.datamodule import MultiLabelDataModule
 from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
+from mlcl.rng import RNGState
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ def chance_map(dm: MultiLabelDataModule) -> float:
 
 def build_module(cfg: DictConfig, dm: MultiLabelDataModule) -> MLCLModule:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("max_skipped_fraction", None)  # read by the SkipBudget callback
     return MLCLModule(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
@@ -64,40 +70,73 @@ def build_module(cfg: DictConfig, dm: MultiLabelDataModule) -> MLCLModule:
     )
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool = True) -> list[L.Callback]:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+def _is_debug(cfg: DictConfig) -> bool:
+    """Debug runs (``debug=...`` or any ``trainer.fast_dev_run``) write no results mlcl-compare reads."""
+    return bool(cfg.get("debug_run")) or bool(cfg.trainer.get("fast_dev_run"))
 
-    from mlcl.callbacks import EMA
 
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=cfg.monitor,
-        mode="max",
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
-    cbs: list[L.Callback] = [ckpt]
-    if with_logger:
-        cbs.append(LearningRateMonitor(logging_interval="epoch"))
-    if cfg.get("progress_bar", True):
-        cbs.append(RichProgressBar(leave=True))
-    if cfg.get("ema") and cfg.ema.get("decay"):
-        cbs.append(EMA(decay=cfg.ema.decay, evaluate=cfg.ema.get("evaluate", "ema")))
-    for extra in (cfg.get("callbacks") or {}).values():
-        cbs.append(instantiate(extra))
-    return cbs
+def _trainer_plugins(cfg: DictConfig) -> list[Any]:
+    """Atomic checkpoint files; under a submitit SLURM job, submitit (not Lightning) requeues."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from mlcl.ckpt_io import AtomicCheckpointIO
+
+    plugins: list[Any] = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+    plugins.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect():
+        # submitit requeues on timeout/pre-emption itself (launcher max_num_timeout); a plain sbatch job
+        # with --signal=SIGUSR1@90 is requeued by Lightning; both resume from last.ckpt (runs.plan_run)
+        plugins.append(SLURMEnvironment(auto_requeue="SUBMITIT_EXECUTOR" not in os.environ))
+    return plugins
+
+
+def _recorded_overrides() -> list[str]:
+    """This command's overrides, without ``ckpt_path`` (a resumed run is the same run)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("ckpt_path=")]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train + test one configuration; returns the results written to ``metrics.json``."""
+    """Train + test one configuration; returns the results written to ``metrics.json``.
+
+    The run directory is checked before anything is written to it (:func:`mlcl.runs.plan_run`): a
+    finished run returns its stored results, an interrupted one resumes, a taken one is refused.
+    """
     start = time.time()
-    run_dir = Path(
-        HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.output_dir
-    )
+    hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.output_dir
+    plan = runs.plan_run(Path(hydra_dir), cfg.get("ckpt_path"))
+    run_dir = plan.run_dir
+    if run_dir != Path(hydra_dir).resolve():  # resuming into the checkpoint's own run
+        with contextlib.suppress(OSError):
+            Path(hydra_dir).rmdir()  # the empty directory Hydra made for this command
+    if plan.finished:
+        log.info("%s; nothing to do (results: %s)", plan.reason, run_dir / runs.RESULT_FILE)
+        return runs.read_results(run_dir)
+    if run_dir != Path(hydra_dir).resolve():
+        runs.redirect_hydra_output(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    runs.ensure_fresh_run_dir(run_dir, resume=cfg.get("ckpt_path") is not None)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    leader = runs.is_rank_zero()  # other DDP ranks neither log to the file nor write the record
+    handler = runlog.attach_file_log(run_dir) if leader else None
+    try:
+        return _run_accepted(cfg, plan, start, leader)
+    except BaseException:
+        log.exception("run failed")  # the traceback goes to train.log before any short message
+        raise
+    finally:
+        if handler is not None:
+            runlog.detach_file_log(handler)
+
+
+def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float, leader: bool = True) -> dict[str, Any]:
+    run_dir = plan.run_dir
+    if leader:
+        runs.remove_stale_tmp(run_dir)
+        runs.write_run_record(run_dir, cfg)
+        runlog.record_config(cfg, resumed_from=str(plan.ckpt_path) if plan.resume else None)
+    log.info("run directory %s: %s", run_dir, plan.reason)
+    if cfg.get("print_config", True) and leader:
+        runlog.print_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     dm: MultiLabelDataModule = instantiate(
@@ -106,24 +145,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("fit")
     module = build_module(cfg, dm)
     module.loss_fn.on_train_targets(dm.train_targets)
-    if cfg.get("init_ckpt"):
+    if cfg.get("init_ckpt") and not plan.resume:
         from mlcl.checkpoints import load_init_weights
 
         load_init_weights(module, cfg.init_ckpt, cfg.get("init_weights", "ema"), cfg.get("init_modules"))
+    tags = _tags(cfg)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "tags": tags})
+    budget = SkipBudget(float(cfg.model.get("max_skipped_fraction", 0.1)))
+    callbacks = [
+        *build_callbacks(cfg, run_dir, bool(loggers), debug=_is_debug(cfg)),
+        RNGState(cfg.seed),
+        budget,
+        runlog.EpochSummary(),
+    ]
+    # without a checkpoint callback Lightning would add its own (epoch=..-step=...ckpt): none is wanted
+    has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=build_callbacks(cfg, run_dir, bool(loggers)),
+        **({} if has_ckpt else {"enable_checkpointing": False}),
+        callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=run_dir,
+        plugins=_trainer_plugins(cfg),
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=plan.ckpt_path, weights_only=False)
     if trainer.interrupted:
         raise SystemExit(
             f"training was interrupted; checkpoints so far are in {run_dir / 'checkpoints'} "
-            "(resume with ckpt_path=.../last.ckpt)"
+            "(resume with the same command plus ckpt_path=last)"
         )
     fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     ckpt_cb = trainer.checkpoint_callback
@@ -137,7 +188,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None
         else None,
         "test": {k.removeprefix("test/"): v for k, v in test_metrics.items()},
-        "best_ckpt": best,
+        # relative to the run directory: a copied run stays self-contained
+        "best_ckpt": os.path.relpath(best, run_dir) if best else None,
         "label_stats": dm.label_stats,
         "chance_mAP": chance_map(dm),
         "run": {
@@ -149,13 +201,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "missing_rate": cfg.missing.get("rate", 0.0),
             "experiment": cfg.get("experiment_name"),
             "tag": cfg.get("tag"),
+            "method": cfg.get("method_name"),
             "init_ckpt": cfg.get("init_ckpt"),
             "epochs": trainer.current_epoch,
-            "skipped_steps": module.skipped_steps,
+            "skipped_steps": budget.skipped,
+            "steps": budget.seen,
+            "resumed": plan.resume,
             "duration_s": time.time() - start,
             "run_dir": str(run_dir),
         },
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "tags": tags,
+        "overrides": _recorded_overrides(),
     }
     if module.test_per_class is not None:
         results["per_class"] = per_class_results(module.test_per_class, dm.class_names)
@@ -164,10 +220,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         results["representation"] = run_diagnostics(cfg, module, dm, run_dir, loggers)
     if trainer.is_global_zero:
-        path = runs.write_json_new(run_dir / runs.RESULT_FILE, results)
+        name = runs.DEBUG_RESULT_FILE if _is_debug(cfg) else runs.RESULT_FILE
+        path = runs.write_json_new(run_dir / name, results)
         _print_summary(results, path)
         wandb_run.log_results(cfg, results, run_dir, module, files=[path, run_dir / "config.yaml"])
-    return results
+    # callers in this process (pipelines) get an absolute path
+    return {**results, "best_ckpt": best}
+
+
+def _tags(cfg: DictConfig) -> list[str]:
+    """``tags`` (a list) plus the single ``tag`` when set."""
+    tags = [str(t) for t in (cfg.get("tags") or [])]
+    if cfg.get("tag") is not None and str(cfg.tag) not in tags:
+        tags.append(str(cfg.tag))
+    return tags
 
 
 def _print_summary(results: dict[str, Any], path: Path) -> None:
@@ -181,10 +247,14 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
     for k, v in results["test"].items():
         if k in ("mAP", "CF1", "OF1", "CP", "CR", "OP", "OR", "bce"):
             table.add_row(k, f"{float(v):.2f}" if k != "bce" else f"{float(v):.4f}")
-    console = Console()
-    console.print(table)
-    console.print(f"chance level (mean per-class label prior on test) = {results['chance_mAP']:.2f} mAP")
-    console.print(f"results: {path}")
+    Console().print(table)
+    runlog.record_log.info("test results:\n%s", runlog.render_text(table))
+    log.info("chance level (mean per-class label prior on test) = %.2f mAP", results["chance_mAP"])
+    if run.get("skipped_steps"):
+        log.warning(
+            "%d of %d training steps were skipped (non-finite loss)", run["skipped_steps"], run["steps"]
+        )
+    log.info("results: %s", path)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -18,9 +18,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from mlcl.data import missing as missing_lib
+from mlcl.rng import EpochShuffleSampler
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +151,24 @@ class MultiLabelDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, train: bool) -> DataLoader:
-        sampler = None
-        if train and self.iterations_per_epoch:
-            # without replacement, num_samples > len concatenates fresh permutations
-            sampler = RandomSampler(
-                self.splits[split], num_samples=self.iterations_per_epoch * self.batch_size
+        sampler, generator = None, None
+        if train:
+            # order from (seed, epoch), not from the global RNG: a resumed run replays it exactly.
+            # Without replacement, num_samples > len concatenates fresh permutations.
+            trainer = getattr(self, "trainer", None)
+            sampler = EpochShuffleSampler(
+                self.splits[split],
+                num_samples=self.iterations_per_epoch * self.batch_size
+                if self.iterations_per_epoch
+                else None,
+                epoch=trainer.current_epoch if trainer is not None else 0,
             )
+            generator = sampler.loader_generator
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
+            generator=generator,
             drop_last=self.drop_last if train else False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
