@@ -147,6 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "missing_mode": cfg.missing.get("mode", "none"),
             "missing_rate": cfg.missing.get("rate", 0.0),
             "experiment": cfg.get("experiment_name"),
+            "method": cfg.get("method_name"),
             "tag": cfg.get("tag"),
             "init_ckpt": cfg.get("init_ckpt"),
             "epochs": trainer.current_epoch,
@@ -181,7 +182,12 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    results = run(cfg)
+    if cfg.get("stages"):  # a multi-stage method (conf/method/): mlcl.stages runs its stages in this job
+        from mlcl.stages import run_method
+
+        results = run_method(cfg)
+    else:
+        results = run(cfg)
     metric = cfg.get("optimized_metric")
     if metric:
         if metric == cfg.monitor and results.get("best_val") is not None:
