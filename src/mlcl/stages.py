@@ -60,6 +60,27 @@ class Stage:
     fixed: dict[str, Any] = field(default_factory=dict)
 
 
+def resume_last(cfg: DictConfig) -> dict[str, Any] | None:
+    """Stand-in for the run record's ``ckpt_path=last`` contract (one-stage runs), until it lands.
+
+    ``ckpt_path=last``: a run directory that holds ``metrics.json`` is finished (its stored results are
+    returned, nothing is touched); else ``ckpt_path`` becomes its ``checkpoints/last.ckpt`` if that exists,
+    or null (a fresh start). Methods with stages are left to :func:`run_method`.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("ckpt_path") != "last" or cfg.get("stages") or not HydraConfig.initialized():
+        return None
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if (run_dir / runs.RESULT_FILE).is_file():
+        print(f"already finished: results in {run_dir / runs.RESULT_FILE}")
+        return _read(run_dir / runs.RESULT_FILE)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with read_write(cfg), open_dict(cfg):
+        cfg.ckpt_path = str(last) if last.is_file() else None
+    return None
+
+
 def method_stages(cfg: DictConfig) -> list[Stage]:
     """The stages of the selected method, in order, checked (``_init_`` names an earlier stage)."""
     node = OmegaConf.to_container(cfg.stages, resolve=False)

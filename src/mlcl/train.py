@@ -182,9 +182,12 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    if cfg.get("stages"):  # a multi-stage method (conf/method/): mlcl.stages runs its stages in this job
-        from mlcl.stages import run_method
+    from mlcl.stages import resume_last, run_method
 
+    done = resume_last(cfg)  # ckpt_path=last of a finished run: its stored results
+    if done is not None:
+        results = done
+    elif cfg.get("stages"):  # a multi-stage method (conf/method/): mlcl.stages runs its stages in this job
         results = run_method(cfg)
     else:
         results = run(cfg)
