@@ -48,7 +48,7 @@ def checkpoint_scores(cfg: DictConfig, ckpt_path: Path) -> tuple[Tensor, Tensor]
 
 
 def test_checkpoints(cfg: DictConfig, run_dir: Path, select: dict[str, str]) -> dict[str, dict[str, float]]:
-    """``{name: {"mAP": ..., "yeast.mAP": ..., "checkpoint": file}}`` for each ``name: file`` of ``select``."""
+    """``{name: {"mAP", "yeast.<metric>", "checkpoint"}}`` for each ``name: file`` of ``select``."""
     out: dict[str, dict[str, Any]] = {}
     for name, file in select.items():
         path = Path(run_dir) / "checkpoints" / file

@@ -92,7 +92,7 @@ def method_stages(cfg: DictConfig) -> list[Stage]:
             init = {"ckpt": "best", "key": "init_ckpt", **init}
             if init.get("stage") not in [s.name for s in stages]:
                 raise UserError(
-                    f"stage {name!r} initialises from stage {init.get('stage')!r}, which is not an earlier stage",
+                    f"stage {name!r} initialises from {init.get('stage')!r}, which is not an earlier stage",
                     f"method={cfg.get('method_name')}, stages.{name}._init_.stage",
                     f"use one of {[s.name for s in stages]}",
                 )
@@ -171,7 +171,8 @@ def compose_stage(
     """The full config (with its ``hydra`` node) of one stage, run directory ``run_dir``.
 
     ``shared``: the job's overrides for every stage; ``scoped``: this stage's (already ``++key=v``);
-    ``settings``: values the mechanism sets last (``ckpt_path``, the init checkpoint, ``method_name``).
+    ``settings``: values the mechanism sets last (``ckpt_path``, the init checkpoint, ``method_name``),
+    after ``_init_``'s ``weights``/``modules`` (as ``init_weights``/``init_modules``).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -192,8 +193,9 @@ def compose_stage(
         _apply(cfg, scoped)
     except HydraException as err:
         raise UserError(str(err).strip(), f"stage {stage.name}", "fix or remove that override") from err
+    init = {f"init_{k}": stage.init[k] for k in ("weights", "modules") if stage.init and k in stage.init}
     with read_write(cfg), open_dict(cfg):
-        for key, value in (settings or {}).items():
+        for key, value in {**init, **(settings or {})}.items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         cfg.hydra.runtime.output_dir = str(Path(run_dir).resolve())
         cfg.hydra.overrides.task = [*groups, *shared, *scoped]
@@ -313,6 +315,9 @@ def run_method(cfg: DictConfig) -> dict[str, Any]:
         )
     stages = method_stages(cfg)
     shared, scoped = split_overrides(task, [s.name for s in stages])
+    for stage in stages:  # compose every stage first: a typo in a later stage costs no training
+        placeholder = {str(stage.init["key"]): "<earlier stage checkpoint>"} if stage.init else {}
+        compose_stage(stage, shared, scoped[stage.name], job_dir / "stages" / stage.name, placeholder)
     done: dict[str, dict[str, Any]] = {}
     dirs: dict[str, Path] = {}
     final_cfg: DictConfig | None = None
@@ -324,9 +329,6 @@ def run_method(cfg: DictConfig) -> dict[str, Any]:
             src = stage.init["stage"]
             ckpt = select_checkpoint(dirs[src], done[src], str(stage.init["ckpt"]))
             settings[str(stage.init["key"])] = str(ckpt)
-            for k in ("weights", "modules"):
-                if k in stage.init:
-                    settings[f"init_{k}"] = stage.init[k]
         last = run_dir / "checkpoints" / "last.ckpt"
         finished = (run_dir / runs.RESULT_FILE).is_file() and resume
         if last.is_file() and resume and not finished:

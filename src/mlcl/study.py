@@ -54,7 +54,9 @@ def load_study(name: str) -> dict[str, Any]:
     """The study ``name`` (shipped) or the study file at path ``name``, with defaults filled in."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else STUDY_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"no study {name!r}", str(path), f"choose one of {', '.join(available())} or a .yaml file")
+        raise UserError(
+            f"no study {name!r}", str(path), f"choose one of {', '.join(available())} or a .yaml file"
+        )
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     study = {
         "name": path.stem,
@@ -74,7 +76,9 @@ def load_study(name: str) -> dict[str, Any]:
         raise UserError("the study lists no methods", str(path), "add methods: {bce: [], ...}")
     study.setdefault("baseline", next(iter(study["methods"])))
     if study["baseline"] not in study["methods"]:
-        raise UserError(f"baseline {study['baseline']!r} is not one of the study's methods", str(path), "fix baseline")
+        raise UserError(
+            f"baseline {study['baseline']!r} is not one of the study's methods", str(path), "fix baseline"
+        )
     return study
 
 
@@ -90,7 +94,10 @@ def _config_exists(override: str) -> bool:
 
 def commands(study: dict[str, Any], study_dir: Path, extra: Sequence[str] = ()) -> list[list[str]]:
     """The ``python -m mlcl.train -m ...`` command lines of the study (one per distinct method overrides)."""
-    grid = [f"{k}={','.join(str(v) for v in (vals if isinstance(vals, list) else [vals]))}" for k, vals in study["grid"].items()]
+    grid = [
+        f"{k}={','.join(str(v) for v in (vals if isinstance(vals, list) else [vals]))}"
+        for k, vals in study["grid"].items()
+    ]
     by_overrides: dict[tuple[str, ...], list[str]] = {}
     for method, ovs in study["methods"].items():
         by_overrides.setdefault(tuple(ovs), []).append(method)
@@ -116,18 +123,22 @@ def commands(study: dict[str, Any], study_dir: Path, extra: Sequence[str] = ()) 
 
 def versions() -> dict[str, str]:
     """Software versions for the report (python, torch, lightning, hydra, mlcl and its git commit)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import hydra
     import lightning
     import torch
 
-    import mlcl
-
+    try:
+        mlcl_version = version("mlcl")
+    except PackageNotFoundError:
+        mlcl_version = "not installed"
     out = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "hydra": hydra.__version__,
-        "mlcl": getattr(mlcl, "__version__", "?"),
+        "mlcl": mlcl_version,
         "platform": platform.platform(),
     }
     try:
@@ -139,7 +150,9 @@ def versions() -> dict[str, str]:
             ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10
         )
         if commit.returncode == 0:
-            out["mlcl git commit"] = commit.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+            out["mlcl git commit"] = commit.stdout.strip() + (
+                " (uncommitted changes)" if dirty.stdout.strip() else ""
+            )
     except (OSError, subprocess.SubprocessError):
         pass
     return out
@@ -190,23 +203,34 @@ def write_report(
     ]
     for metric in study["metrics"]:
         lines += [f"## {metric}", ""]
-        lines += [compare_table(runs_dir, metric, study["columns"], f"method={study['baseline']}", study_dir), ""]
+        lines += [
+            compare_table(runs_dir, metric, study["columns"], f"method={study['baseline']}", study_dir),
+            "",
+        ]
         plot = plot_vs(df, metric, study["columns"], study_dir) if metric in df.columns else None
         if plot is not None:
             lines += [f"![{metric} vs {study['columns']}]({plot.name})", ""]
     heat = per_class_heatmap(df, study_dir)
     lines += ["## Per-class AP", ""]
-    lines += [f"![per-class AP]({heat.name})" if heat else "The runs record no per-class AP (`per_class`).", ""]
+    lines += [
+        f"![per-class AP]({heat.name})" if heat else "The runs record no per-class AP (`per_class`).",
+        "",
+    ]
     lines += ["## Commands", "", "```"]
     lines += [shlex.join(["mlcl-study", study["name"], *extra])]
     lines += [shlex.join(["python", *c[1:]]) for c in cmds] + ["```", ""]
     if any(status):
-        lines += [f"Exit statuses of the multiruns: {status} (non-zero: some jobs failed; see their logs).", ""]
+        lines += [
+            f"Exit statuses of the multiruns: {status} (non-zero: some jobs failed; see their logs).",
+            "",
+        ]
     total = float(df["duration_s"].sum()) if "duration_s" in df else None
     lines += ["## Software and time", ""]
     lines += [f"- {k}: {v}" for k, v in versions().items()]
     if wall_s is not None:
-        lines += [f"- wall time of this invocation: {wall_s / 60:.1f} min (finished jobs are skipped on re-runs)"]
+        lines += [
+            f"- wall time of this invocation: {wall_s / 60:.1f} min (finished jobs are skipped on re-runs)"
+        ]
     if total:
         lines += [f"- summed job time: {total / 60:.1f} min"]
     lines += [f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", ""]
@@ -223,7 +247,11 @@ def _grid_size(grid: dict[str, Any]) -> int:
 
 
 def run_study(
-    name: str, out: Path | None = None, extra: Sequence[str] = (), report_only: bool = False, dry_run: bool = False
+    name: str,
+    out: Path | None = None,
+    extra: Sequence[str] = (),
+    report_only: bool = False,
+    dry_run: bool = False,
 ) -> Path | None:
     """Run the study's multiruns (unless ``report_only``) and write its report; return the report path."""
     study = load_study(name)

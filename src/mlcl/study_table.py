@@ -89,7 +89,9 @@ def paper_table(
     """
     if metric not in df.columns:
         have = sorted(c for c in df.columns if c.startswith(("test.", "selections.", "representation.")))
-        raise UserError(f"metric {metric!r} is in no run", "--metrics", f"choose among {', '.join(have[:20])}")
+        raise UserError(
+            f"metric {metric!r} is in no run", "--metrics", f"choose among {', '.join(have[:20])}"
+        )
     base_key, _, base_value = baseline.partition("=")
     col_vals = sorted(df[column].dropna().unique().tolist()) if column in df.columns else [None]
     methods = sorted(df["method"].dropna().unique().tolist(), key=lambda m: (m != base_value, m))
@@ -110,9 +112,11 @@ def paper_table(
                 rec["pairs"] = len(common)
             rows.append(rec)
     long = pd.DataFrame(rows)
-    best = long.groupby(column, dropna=False)["mean"].transform("max") if column in long else long["mean"].max()
+    best = (
+        long.groupby(column, dropna=False)["mean"].transform("max") if column in long else long["mean"].max()
+    )
     long["best"] = np.isclose(long["mean"], best)
-    head = f"| method | " + " | ".join(f"{column}={c}" for c in col_vals) + " |"
+    head = "| method | " + " | ".join(f"{column}={c}" for c in col_vals) + " |"
     lines = [head, "|---|" + "---|" * len(col_vals)]
     for m in methods:
         cells = []
@@ -136,7 +140,7 @@ def _cell(r: pd.Series, alpha: float) -> str:
 
 
 def plot_vs(df: pd.DataFrame, metric: str, x: str, out: Path) -> Path | None:
-    """``metric`` (mean, band = ± std over seeds) against ``x``, one line per method; None if x is constant."""
+    """``metric`` (mean, band ± std over seeds) against ``x``, a line per method; None if x is constant."""
     from matplotlib.figure import Figure
 
     if x not in df.columns or df[x].nunique() < 2:
