@@ -192,6 +192,9 @@ def test_select_checkpoint(tmp_path):
     assert (
         st.select_checkpoint(tmp_path, {"best_ckpt": str(ckpts / "best.ckpt")}, "best") == ckpts / "best.ckpt"
     )
+    # metrics.json stores it relative to the run directory (a copied run stays self-contained)
+    rel = {"best_ckpt": "checkpoints/best.ckpt"}
+    assert st.select_checkpoint(tmp_path, rel, "best") == ckpts / "best.ckpt"
     assert st.select_checkpoint(tmp_path, {"best_ckpt": None}, "best") == ckpts / "last.ckpt"
     assert st.select_checkpoint(tmp_path, {}, "last") == ckpts / "last.ckpt"
     assert st.select_checkpoint(tmp_path, {}, "lowest_train_loss.ckpt") == ckpts / "lowest_train_loss.ckpt"

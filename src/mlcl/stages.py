@@ -240,8 +240,9 @@ def select_checkpoint(run_dir: Path, results: dict[str, Any], which: str) -> Pat
     """
     ckpts = Path(run_dir) / "checkpoints"
     if which == "best":
-        best = results.get("best_ckpt")
-        path = Path(best) if best and Path(best).is_file() else ckpts / "last.ckpt"
+        best = results.get("best_ckpt")  # absolute, or relative to the run directory (metrics.json)
+        best_path = Path(run_dir) / best if best else None
+        path = best_path if best_path is not None and best_path.is_file() else ckpts / "last.ckpt"
     elif which == "last":
         path = ckpts / "last.ckpt"
     else:
