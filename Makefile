@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test lint format bench study clean
 
 install:  ## create .venv and install mlcl with its dev extras (pip, editable)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ lint:  ## ruff
 format:
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
+
+study:  ## the quick default study: 7 methods x 3 missing rates x 3 seeds, report.md (CPU, <= 60 min)
+	$(BIN)/python -m mlcl.study default_quick
 
 bench:  ## loss cost table (CPU)
 	$(BIN)/python -m mlcl.bench

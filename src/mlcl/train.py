@@ -200,8 +200,8 @@ def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float, leader: boo
             "missing_mode": cfg.missing.get("mode", "none"),
             "missing_rate": cfg.missing.get("rate", 0.0),
             "experiment": cfg.get("experiment_name"),
-            "tag": cfg.get("tag"),
             "method": cfg.get("method_name"),
+            "tag": cfg.get("tag"),
             "init_ckpt": cfg.get("init_ckpt"),
             "epochs": trainer.current_epoch,
             "skipped_steps": budget.skipped,
@@ -260,7 +260,12 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with wandb_run.job(cfg, "train"):  # one W&B run per job, finished (or marked failed) here
-        results = run(cfg)
+        if cfg.get("stages"):  # a multi-stage method (conf/method/): mlcl.stages runs its stages in this job
+            from mlcl.stages import run_method
+
+            results = run_method(cfg)
+        else:
+            results = run(cfg)
     metric = cfg.get("optimized_metric")
     if metric:
         if metric == cfg.monitor and results.get("best_val") is not None:

@@ -1,0 +1,220 @@
+"""mlcl-study: study files, the multirun commands, the paired table (against scipy) and a tiny real study
+(2 methods x 1 condition x 2 seeds) whose re-run skips every finished job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from mlcl import study as sy
+from mlcl import study_table as tb
+from mlcl.errors import UserError
+from tests.conftest import REPO, compose
+
+TINY = {
+    "description": "two losses, tiny",
+    "baseline": "bce",
+    "metrics": ["test.mAP"],
+    "columns": "missing_rate",
+    "overrides": [
+        "missing=uniform",
+        "trainer.max_epochs=1",
+        "data.source.sizes.train=96",
+        "data.source.sizes.val=64",
+        "data.source.sizes.test=64",
+        "backbone.width=8",
+        "progress_bar=false",
+        "logger=none",
+    ],
+    "grid": {"missing.rate": [0.5], "seed": [0, 1]},
+    "methods": ["bce", "asl"],
+}
+
+
+def write_run(d: Path, method: str, rate: float, seed: int, mAP: float, **extra) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    res = {
+        "run": {"method": method, "loss": method, "missing_rate": rate, "seed": seed},
+        "test": {"mAP": mAP},
+    }
+    (d / "metrics.json").write_text(json.dumps({**res, **extra}))
+
+
+# --------------------------------------------------------------------------- the paired table
+def test_paper_table_matches_scipy_and_ignores_stage_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    base = {0.0: rng.normal(60, 2, 4), 0.5: rng.normal(50, 2, 4)}
+    gain = {0.0: rng.normal(0.2, 1.0, 4), 0.5: rng.normal(3.0, 0.3, 4)}
+    for rate in (0.0, 0.5):
+        for s in range(4):
+            write_run(tmp_path / f"bce_{rate}_{s}", "bce", rate, s, base[rate][s])
+            job = tmp_path / f"mc_{rate}_{s}"
+            write_run(job, "mulcon", rate, s, base[rate][s] + gain[rate][s])
+            # a stage run inside the job: must not be counted as a run of its own
+            write_run(job / "stages" / "stage1", "bce", rate, s, 0.0)
+    df = tb.load_runs(tmp_path)
+    assert len(df) == 16
+    table, long = tb.paper_table(df, "test.mAP", "missing_rate", "method=bce")
+    for rate in (0.0, 0.5):
+        a, b = base[rate] + gain[rate], base[rate]
+        r = long[(long.method == "mulcon") & (long.missing_rate == rate)].iloc[0]
+        t = stats.ttest_rel(a, b)
+        ci = t.confidence_interval(0.95)
+        assert r["diff"] == pytest.approx(float(np.mean(a - b)))
+        assert r["p"] == pytest.approx(t.pvalue) and (r["ci_lo"], r["ci_hi"]) == pytest.approx(
+            (ci.low, ci.high)
+        )
+        assert r["std"] == pytest.approx(np.std(a, ddof=1))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"bce", "mulcon"}
+    p05 = long[(long.method == "mulcon") & (long.missing_rate == 0.5)].iloc[0]["p"]
+    assert p05 < 0.05 and "▲" in rows["mulcon"].split("|")[3]  # a clear gain at rate 0.5 is marked
+    assert rows["mulcon"].split("|")[3].strip().startswith("**")  # ... and is the best of its column
+    assert "Δ" not in rows["bce"]
+
+
+def test_single_seed_shows_no_statistics(tmp_path):
+    write_run(tmp_path / "a", "bce", 0.0, 0, 50.0)
+    write_run(tmp_path / "b", "asl", 0.0, 0, 51.0)
+    table, _ = tb.paper_table(tb.load_runs(tmp_path), "test.mAP", "missing_rate", "method=bce")
+    assert "± n/a (1)" in table and "CI n/a, p n/a" in table and "± 0.00" not in table
+
+
+def test_compare_table_is_the_one_place_calling_compare(tmp_path, monkeypatch):
+    from mlcl import compare
+
+    for s in (0, 1):
+        write_run(tmp_path / f"b{s}", "bce", 0.0, s, 50.0 + s)
+        write_run(tmp_path / f"a{s}", "asl", 0.0, s, 52.0 + 2 * s)
+    expected, _ = tb.paper_table(tb.load_runs(tmp_path), "test.mAP", "missing_rate", "method=bce")
+    calls = []
+
+    def contract(argv):  # an mlcl-compare with --metrics/--columns/--baseline (H4's contract)
+        calls.append(argv)
+        print("| compare's table |")
+        return 0
+
+    monkeypatch.setattr(compare, "main", contract)
+    assert (
+        sy.compare_table(tmp_path, "test.mAP", "missing_rate", "method=bce", tmp_path)
+        == "| compare's table |"
+    )
+    argv = calls[0]
+    for flag, value in (
+        ("--metrics", "test.mAP"),
+        ("--columns", "missing_rate"),
+        ("--baseline", "method=bce"),
+    ):
+        assert argv[argv.index(flag) + 1] == value
+    assert argv[argv.index("--format") + 1] == "markdown" and argv[0] == str(tmp_path)
+
+    def old(argv):  # an mlcl-compare without them: argparse exits 2
+        raise SystemExit(2)
+
+    monkeypatch.setattr(compare, "main", old)
+    assert sy.compare_table(tmp_path, "test.mAP", "missing_rate", "method=bce", tmp_path) == expected
+
+
+# --------------------------------------------------------------------------- study files and commands
+def test_commands_group_methods_and_fix_the_job_dirs(tmp_path):
+    study = sy.load_study("default_quick")
+    cmds = sy.commands(study, tmp_path, ["hydra/launcher=local"])
+    methods = [c[4].removeprefix("method=").split(",") for c in cmds]
+    assert sorted(m for ms in methods for m in ms) == sorted(study["methods"])
+    for cmd, ms in zip(cmds, methods):
+        assert cmd[1:4] == ["-m", "mlcl.train", "-m"]
+        for m in ms:  # methods share a multirun only when they share their overrides
+            assert all(o in cmd for o in study["methods"][m])
+        assert "ckpt_path=last" in cmd and "hydra/launcher=local" in cmd
+        assert f"hydra.sweep.dir={tmp_path / 'runs'}" in cmd
+        assert "hydra.sweep.subdir=${hydra.job.override_dirname}" in cmd
+        excl = next(c for c in cmd if c.startswith("hydra.job.config.override_dirname.exclude_keys="))
+        kept = {"method", *study["grid"]}
+        excluded = set(excl.split("=", 1)[1].strip("[]").split(","))
+        assert not (kept & excluded) and "ckpt_path" in excluded and "trainer.max_epochs" in excluded
+    assert len(cmds) == 3  # mulcon and mulsupcon have their own overrides
+
+
+@pytest.mark.parametrize("name", sy.available())
+def test_shipped_studies_compose(name, tmp_path):
+    from mlcl import stages as st
+
+    assert set(sy.available()) >= {"default_quick", "yeast_mulsupcon", "missing_labels"}
+    study = sy.load_study(name)
+    assert study["baseline"] in study["methods"]
+    for cmd in sy.commands(study, tmp_path):
+        job = [
+            a.split("=")[0] + "=" + a.split("=", 1)[1].split(",")[0]
+            for a in cmd[4:]
+            if not a.startswith("hydra.")
+        ]
+        for method in cmd[4].removeprefix("method=").split(","):
+            ovs = [f"method={method}", *job[1:]]
+            cfg = compose(ovs)
+            with st.hydra_runtime(cfg) as task:
+                names = [s.name for s in st.method_stages(task)] if task.get("stages") else []
+            shared, scoped = st.split_overrides(ovs, names)
+            with st.hydra_runtime(cfg) as task:
+                for stage in st.method_stages(task) if names else []:
+                    st.compose_stage(stage, shared, scoped[stage.name], tmp_path / stage.name)
+
+
+def test_yeast_study_follows_the_protocol():
+    study = sy.load_study("yeast_mulsupcon")
+    assert study["methods"] == {"yeast_bce": [], "yeast_mulsupcon": []} and study["baseline"] == "yeast_bce"
+    assert study["grid"] == {"seed": [0, 1, 2]}
+    assert "selections.dev_loss.mAP" in study["metrics"] and "selections.val_mAP.mAP" in study["metrics"]
+
+
+def test_bad_study_names_the_file(tmp_path):
+    with pytest.raises(UserError, match="no study 'nope'.*default_quick"):
+        sy.load_study("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "baseline": "clml"}))
+    with pytest.raises(UserError, match="baseline 'clml'"):
+        sy.load_study(str(bad))
+
+
+# --------------------------------------------------------------------------- a tiny real study
+def run_study(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "mlcl.study", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_study_writes_report_and_rerun_skips_finished_jobs(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "study"
+    proc = run_study([str(spec), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in (out / "runs").glob("*/metrics.json"))
+    assert jobs == [f"method={m},missing.rate=0.5,seed={s}" for m in ("asl", "bce") for s in (0, 1)]
+    report = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    for m in ("bce", "asl"):  # the report's means are the runs' own numbers
+        paths = [out / "runs" / f"method={m},missing.rate=0.5,seed={s}" / "metrics.json" for s in (0, 1)]
+        maps = [json.loads(p.read_text())["test"]["mAP"] for p in paths]
+        assert f"{np.mean(maps):.2f}" in rows[m] and f"{np.std(maps, ddof=1):.2f} (2)" in rows[m]
+    assert "Δ" in rows["asl"] and "p=" in rows["asl"]
+    assert "python -m mlcl.train -m method=bce,asl missing.rate=0.5 seed=0,1" in report
+    assert "- torch: " in report and "wall time" in report
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    again = run_study([str(spec), "--out", str(out)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished") == 4
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    assert set(after) == set(before)  # no new files
+    for p, t in before.items():
+        if ".hydra" not in p.parts and (p.name in ("metrics.json", "config.yaml") or p.suffix == ".ckpt"):
+            assert after[p] == t, p
