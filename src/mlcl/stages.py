@@ -285,10 +285,29 @@ def run_method(cfg: DictConfig) -> dict[str, Any]:
         if resume:
             print(f"method {name}: already finished, results in {result_file}")
             return _read(result_file)
-        raise FileExistsError(
-            f"{job_dir} already holds results ({runs.RESULT_FILE}); nothing was changed. Use a new "
-            "hydra.run.dir, or re-run with ckpt_path=last to reuse it."
+        raise UserError(
+            f"{job_dir} already holds results ({runs.RESULT_FILE}); nothing was changed",
+            "hydra.run.dir",
+            "use a new hydra.run.dir, or re-run the same command with ckpt_path=last to reuse it",
         )
+    from mlcl import runlog
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    handler = runlog.attach_file_log(job_dir)  # the job's train.log; each stage also keeps its own
+    try:
+        return _run_stages(cfg, job_dir, task, name, resume, start)
+    except BaseException:
+        log.exception("method %s failed", name)
+        raise
+    finally:
+        runlog.detach_file_log(handler)
+
+
+def _run_stages(
+    cfg: DictConfig, job_dir: Path, task: list[str], name: str | None, resume: bool, start: float
+) -> dict[str, Any]:
+    """The stages of :func:`run_method`, in order, each initialised from its source stage."""
+    result_file = job_dir / runs.RESULT_FILE
     stages = method_stages(cfg)
     shared, scoped = split_overrides(task, [s.name for s in stages])
     for stage in stages:  # compose every stage first: a typo in a later stage costs no training
