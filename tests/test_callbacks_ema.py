@@ -191,11 +191,6 @@ def test_resume_continues_the_same_shadow(tmp_path):
     assert_close_states(ema_resumed.shadow, {k: v.double() for k, v in ema_whole.shadow.items()}, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callbacks.py (H1): EMA updates in on_train_batch_end, i.e. on every batch, not on every "
-    "optimiser step as documented, so trainer.accumulate_grad_batches=k averages each step k times",
-)
 def test_shadow_updates_once_per_optimiser_step_with_gradient_accumulation():
     torch.manual_seed(0)
     dm = looptools.datamodule()  # 3 batches per epoch

@@ -113,3 +113,21 @@ def test_ema_requested_but_absent_names_the_key(tmp_path):
     path = write(tmp_path, snapshot(build(0)))
     with pytest.raises(ValueError, match="stage1_ckpt=.*no EMA weights"):
         load_init_weights(build(1), path, weights="ema", key="stage1_ckpt")
+
+
+# --------------------------------------------------------------------------- mlcl-eval's whole-model load
+def test_full_state_load_is_exact_and_strict_both_ways():
+    from mlcl.checkpoints import load_full_state
+    from mlcl.errors import UserError
+
+    src = snapshot(build(1))
+    dst = build(2)
+    load_full_state(dst, src)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    short = {k: v for k, v in src.items() if k != "head.fc.weight"}
+    with pytest.raises(UserError, match=r"missing from it: head\.fc\.weight"):
+        load_full_state(build(3), short)
+    extra = {**src, "head.extra.weight": torch.zeros(2)}
+    with pytest.raises(UserError, match=r"does not have: head\.extra\.weight"):
+        load_full_state(build(3), extra)

@@ -48,9 +48,16 @@ class EMA(L.Callback):
         else:  # restored from a checkpoint
             self.shadow = {k: v.to(pl_module.device) for k, v in self.shadow.items()}
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._step_before = trainer.global_step
+
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         assert self.shadow is not None
+        # only after a real optimiser step: gradient accumulation and skipped (non-finite) steps leave
+        # the weights unchanged and must not pull the shadow towards them again
+        if trainer.global_step == getattr(self, "_step_before", -1):
+            return
         for k, v in self._state(pl_module).items():
             s = self.shadow[k]
             if v.dtype.is_floating_point:

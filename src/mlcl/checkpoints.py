@@ -184,3 +184,29 @@ def load_init_weights(
         weights,
     )
     return wanted
+
+
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], key: str = "ckpt_path") -> None:
+    """Load a whole state dict into ``module``, strictly in both directions (metric states aside).
+
+    A checkpoint that lacks tensors of the model, or holds tensors the model does not have, would
+    otherwise evaluate partly random weights without a word: both raise a UserError naming ``key``.
+    """
+    from mlcl.errors import UserError
+
+    skip = ("val_metrics.", "test_metrics.")
+    own = {k for k in module.state_dict() if not k.startswith(skip)}
+    theirs = {k for k in state if not k.startswith(skip)}
+    missing, unexpected = sorted(own - theirs), sorted(theirs - own)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} model tensors missing from it: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors the model does not have: {_listing(unexpected)}")
+        raise UserError(
+            f"the checkpoint does not fit the model rebuilt from its own config ({'; '.join(parts)})",
+            key,
+            "point it at a checkpoint written by mlcl-train with this version of mlcl",
+        )
+    module.load_state_dict({k: state[k] for k in theirs}, strict=False)

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mlcl import runlog, runs, wandb_run
-from mlcl.checkpoints import checkpoint_weights, read_checkpoint
+from mlcl.checkpoints import checkpoint_weights, load_full_state, read_checkpoint
 from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
 
@@ -35,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     hp = {**hp, "backbone": {**hp["backbone"], "pretrained": None}}
     module = MLCLModule(**hp)
     state = checkpoint_weights(ckpt, cfg.weights, key="weights")
-    module.load_state_dict(state, strict=False)
+    load_full_state(module, state, key=f"ckpt_path={cfg.ckpt_path}")
     data_cfg = OmegaConf.merge(OmegaConf.create(run_cfg["data"]), cfg.get("data") or {})
     dm = instantiate(data_cfg, missing={"mode": "none"})
     dm.setup("test")
