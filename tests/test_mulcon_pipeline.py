@@ -23,7 +23,7 @@ from mlcl import mulcon_pipeline as mp
 from tests.conftest import REPO
 
 SMALL = [
-    "data=digits",
+    "data=digits_easy",
     "backbone=small_cnn",
     "backbone.width=16",
     "trainer=cpu",
@@ -110,7 +110,7 @@ def test_stage_configs_follow_the_spec_and_cli_wins(pipeline_run):
     s2 = yaml.safe_load((out / "stage2" / "config.yaml").read_text())
     ckpt = str(out / "stage1" / "checkpoints" / "best.ckpt")
     for cfg in (s1, s2):  # the experiments pick resnet101 and 448 px; the command line wins
-        assert cfg["backbone"]["name"] == "small_cnn" and cfg["data_name"] == "digits"
+        assert cfg["backbone"]["name"] == "small_cnn" and cfg["data_name"] == "digits_easy"
     assert s1["loss"]["con_weight"] == 0.0 and s1["data"]["num_views"] in (None, 1)  # null: the loss's 1
     assert s1["optimizer"]["_target_"] == "torch.optim.AdamW" and s1["optimizer"]["lr"] == pytest.approx(2e-4)
     assert s1["init_ckpt"] is None and s1["data"]["augment"]["max_shift"] == 0

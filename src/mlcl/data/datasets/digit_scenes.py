@@ -59,6 +59,24 @@ def scene_matrix(
     return tail[None, :] * np.where(core, p_in, p_out)
 
 
+def sample_labels(
+    rng: np.random.Generator, q: np.ndarray, scene_probs: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes ``[n]`` drawn from ``scene_probs`` and labels ``[n, C]`` (bool) ~ Bernoulli(``q[scene]``).
+
+    A row without any label is redrawn within its scene, so ``P(c | s) = q[s, c] / (1 - prod_d (1 -
+    q[s, d]))`` and the scene frequencies stay ``scene_probs``.
+    """
+    scene = rng.choice(len(scene_probs), size=n, p=scene_probs)
+    qs = q[scene]  # [n, C]
+    targets = rng.random(qs.shape) < qs
+    empty = ~targets.any(1)
+    while empty.any():  # a few rounds: P(empty) is small for every scene
+        targets[empty] = rng.random((int(empty.sum()), qs.shape[1])) < qs[empty]
+        empty = ~targets.any(1)
+    return scene, targets
+
+
 def _interp_matrix(centre: np.ndarray, scale: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resampling weights ``[N, size, SRC]`` placing an 8-pixel source centred at ``centre``.
 
@@ -176,14 +194,7 @@ class DigitScenes(Dataset):
         stream = {k: np.random.default_rng([data_seed, _SPLIT_CODE[split], v]) for k, v in _STREAM.items()}
 
         # 1. scenes and labels (Bernoulli given the scene, empty rows redrawn)
-        rng = stream["labels"]
-        self.scene = rng.choice(len(scenes), size=n, p=self.scene_probs)
-        qs = self.q[self.scene]  # [n, C]
-        targets = rng.random(qs.shape) < qs
-        empty = ~targets.any(1)
-        while empty.any():  # a few rounds: P(empty) is small for every scene
-            targets[empty] = rng.random((int(empty.sum()), qs.shape[1])) < qs[empty]
-            empty = ~targets.any(1)
+        self.scene, targets = sample_labels(stream["labels"], self.q, self.scene_probs, n)
         self.targets = torch.from_numpy(targets.astype(np.int64))
 
         # 2. one object per present digit, each in its own slot of a random slot order
