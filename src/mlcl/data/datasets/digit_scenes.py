@@ -98,7 +98,7 @@ def render(patches: np.ndarray, cy: np.ndarray, cx: np.ndarray, scale: np.ndarra
 
 
 def render_strokes(p0: np.ndarray, p1: np.ndarray, width: float, size: int) -> Tensor:
-    """Anti-aliased line segments from ``p0 [N, 2]`` to ``p1 [N, 2]`` (y, x in pixels): ``[N, size, size]``."""
+    """Anti-aliased segments from ``p0 [N, 2]`` to ``p1 [N, 2]`` (y, x in pixels): ``[N, size, size]``."""
     g = np.arange(size, dtype=np.float32) + 0.5
     pix = np.stack(np.meshgrid(g, g, indexing="ij"), -1)[None]  # [1, size, size, 2]
     a, d = p0[:, None, None, :].astype(np.float32), (p1 - p0)[:, None, None, :].astype(np.float32)
