@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mlcl.data.datasets.digits import _SPLIT_CODE, SPLITS, _source_pools
+from mlcl.data.datasets.digits import _SPLIT_CODE, SPLITS, DigitsMosaic, _source_pools
 from mlcl.errors import UserError
 
 SRC = 8  # sklearn digits are 8x8
@@ -256,12 +256,8 @@ class DigitScenes(Dataset):
     def __getitem__(self, i: int) -> Tensor:
         return self.images[i]
 
-    @staticmethod
-    def make_transform(train: bool, **augment: object):
-        """The same optional train-time shift/noise augmentation as the easy mosaic."""
-        from mlcl.data.datasets.digits import DigitsMosaic
-
-        return DigitsMosaic.make_transform(train, **augment)
+    # the same optional train-time shift/noise augmentation (data.augment) as the easy mosaic
+    make_transform = staticmethod(DigitsMosaic.make_transform)
 
 
 def _occlude(rng: np.random.Generator, patches: np.ndarray, prob: float, side: Sequence[int]) -> None:
