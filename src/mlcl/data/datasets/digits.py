@@ -1,4 +1,4 @@
-"""The embedded default dataset: multi-label mosaics of real handwritten digits.
+"""The easy digit mosaic (``data=digits_easy``, for smoke tests) and the source pools of all digit data.
 
 The 1,797 8x8 digit images shipped inside scikit-learn (``sklearn.datasets.load_digits``, UCI
 optical digits) are partitioned per class into disjoint train/val/test *source pools*, so no digit
@@ -6,7 +6,8 @@ image appears in two splits. Each mosaic is a ``grid x grid`` canvas of 8x8 cell
 (``k`` drawn from ``label_probs``, 1-4 by default) hold one digit each, of ``k`` distinct classes,
 and the label set is the set of digits present (10 classes). Everything is a deterministic
 function of ``data_seed`` and the split, independent of the training seed, so every run of a sweep
-evaluates on the same test mosaics.
+evaluates on the same test mosaics. The default benchmark (``data=digits``) is the harder
+:class:`mlcl.data.datasets.digit_scenes.DigitScenes`, built from the same pools.
 """
 
 from __future__ import annotations
