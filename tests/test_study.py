@@ -15,7 +15,6 @@ import yaml
 from scipy import stats
 
 from mlcl import study as sy
-from mlcl import study_table as tb
 from mlcl.errors import UserError
 from tests.conftest import REPO, compose
 
@@ -48,79 +47,26 @@ def write_run(d: Path, method: str, rate: float, seed: int, mAP: float, **extra)
     (d / "metrics.json").write_text(json.dumps({**res, **extra}))
 
 
-# --------------------------------------------------------------------------- the paired table
-def test_paper_table_matches_scipy_and_ignores_stage_runs(tmp_path):
+# --------------------------------------------------------------------------- the report's tables
+def test_report_table_is_compare_s_paired_table_and_ignores_stage_runs(tmp_path):
+    """The study table is mlcl.compare's: paired over seeds (as scipy), stage runs not counted."""
     rng = np.random.default_rng(0)
-    base = {0.0: rng.normal(60, 2, 4), 0.5: rng.normal(50, 2, 4)}
-    gain = {0.0: rng.normal(0.2, 1.0, 4), 0.5: rng.normal(3.0, 0.3, 4)}
-    for rate in (0.0, 0.5):
-        for s in range(4):
-            write_run(tmp_path / f"bce_{rate}_{s}", "bce", rate, s, base[rate][s])
-            job = tmp_path / f"mc_{rate}_{s}"
-            write_run(job, "mulcon", rate, s, base[rate][s] + gain[rate][s])
-            # a stage run inside the job: must not be counted as a run of its own
-            write_run(job / "stages" / "stage1", "bce", rate, s, 0.0)
-    df = tb.load_runs(tmp_path)
-    assert len(df) == 16
-    table, long = tb.paper_table(df, "test.mAP", "missing_rate", "method=bce")
-    for rate in (0.0, 0.5):
-        a, b = base[rate] + gain[rate], base[rate]
-        r = long[(long.method == "mulcon") & (long.missing_rate == rate)].iloc[0]
-        t = stats.ttest_rel(a, b)
-        ci = t.confidence_interval(0.95)
-        assert r["diff"] == pytest.approx(float(np.mean(a - b)))
-        assert r["p"] == pytest.approx(t.pvalue) and (r["ci_lo"], r["ci_hi"]) == pytest.approx(
-            (ci.low, ci.high)
-        )
-        assert r["std"] == pytest.approx(np.std(a, ddof=1))
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert set(rows) == {"bce", "mulcon"}
-    p05 = long[(long.method == "mulcon") & (long.missing_rate == 0.5)].iloc[0]["p"]
-    assert p05 < 0.05 and "▲" in rows["mulcon"].split("|")[3]  # a clear gain at rate 0.5 is marked
-    assert rows["mulcon"].split("|")[3].strip().startswith("**")  # ... and is the best of its column
-    assert "Δ" not in rows["bce"]
-
-
-def test_single_seed_shows_no_statistics(tmp_path):
-    write_run(tmp_path / "a", "bce", 0.0, 0, 50.0)
-    write_run(tmp_path / "b", "asl", 0.0, 0, 51.0)
-    table, _ = tb.paper_table(tb.load_runs(tmp_path), "test.mAP", "missing_rate", "method=bce")
-    assert "± n/a (1)" in table and "CI n/a, p n/a" in table and "± 0.00" not in table
-
-
-def test_compare_table_is_the_one_place_calling_compare(tmp_path, monkeypatch):
+    base, gain = rng.normal(50, 2, 4), rng.normal(3.0, 0.3, 4)
+    for s in range(4):
+        write_run(tmp_path / f"bce_{s}", "bce", 0.5, s, base[s])
+        job = tmp_path / f"mc_{s}"
+        write_run(job, "mulcon", 0.5, s, base[s] + gain[s])
+        write_run(job / "stages" / "stage1", "bce", 0.5, s, 0.0)  # a stage run inside the job
     from mlcl import compare
 
-    for s in (0, 1):
-        write_run(tmp_path / f"b{s}", "bce", 0.0, s, 50.0 + s)
-        write_run(tmp_path / f"a{s}", "asl", 0.0, s, 52.0 + 2 * s)
-    expected, _ = tb.paper_table(tb.load_runs(tmp_path), "test.mAP", "missing_rate", "method=bce")
-    calls = []
-
-    def contract(argv):  # an mlcl-compare with --metrics/--columns/--baseline (H4's contract)
-        calls.append(argv)
-        print("| compare's table |")
-        return 0
-
-    monkeypatch.setattr(compare, "main", contract)
-    assert (
-        sy.compare_table(tmp_path, "test.mAP", "missing_rate", "method=bce", tmp_path)
-        == "| compare's table |"
-    )
-    argv = calls[0]
-    for flag, value in (
-        ("--metrics", "test.mAP"),
-        ("--columns", "missing_rate"),
-        ("--baseline", "method=bce"),
-    ):
-        assert argv[argv.index(flag) + 1] == value
-    assert argv[argv.index("--format") + 1] == "markdown" and argv[0] == str(tmp_path)
-
-    def old(argv):  # an mlcl-compare without them: argparse exits 2
-        raise SystemExit(2)
-
-    monkeypatch.setattr(compare, "main", old)
-    assert sy.compare_table(tmp_path, "test.mAP", "missing_rate", "method=bce", tmp_path) == expected
+    text = sy.method_table(compare.load_runs(tmp_path), ["test.mAP"], "missing_rate", "bce")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"bce", "mulcon"}
+    t = stats.ttest_rel(base + gain, base)
+    ci = t.confidence_interval(0.95)
+    assert f"{np.mean(base):.2f} ± {np.std(base, ddof=1):.2f} (4)" in rows["bce"]  # stage runs left out
+    assert f"{np.mean(gain):+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]" in rows["mulcon"]
+    assert "▲" in rows["mulcon"] and rows["mulcon"].split("|")[2].strip().startswith("**")
 
 
 # --------------------------------------------------------------------------- study files and commands
@@ -202,11 +148,12 @@ def test_tiny_study_writes_report_and_rerun_skips_finished_jobs(tmp_path):
     assert jobs == [f"method={m},missing.rate=0.5,seed={s}" for m in ("asl", "bce") for s in (0, 1)]
     report = (out / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    maps = {}
     for m in ("bce", "asl"):  # the report's means are the runs' own numbers
         paths = [out / "runs" / f"method={m},missing.rate=0.5,seed={s}" / "metrics.json" for s in (0, 1)]
-        maps = [json.loads(p.read_text())["test"]["mAP"] for p in paths]
-        assert f"{np.mean(maps):.2f}" in rows[m] and f"{np.std(maps, ddof=1):.2f} (2)" in rows[m]
-    assert "Δ" in rows["asl"] and "p=" in rows["asl"]
+        maps[m] = np.array([json.loads(p.read_text())["test"]["mAP"] for p in paths])
+        assert f"{np.mean(maps[m]):.2f}" in rows[m] and f"{np.std(maps[m], ddof=1):.2f} (2)" in rows[m]
+    assert f"{np.mean(maps['asl'] - maps['bce']):+.2f} [" in rows["asl"]  # the paired difference
     assert "python -m mlcl.train -m method=bce,asl missing.rate=0.5 seed=0,1" in report
     assert "- torch: " in report and "wall time" in report
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}

@@ -24,8 +24,6 @@ arguments (e.g. ``hydra/launcher=local``) are passed to every multirun.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 import shlex
@@ -158,24 +156,24 @@ def versions() -> dict[str, str]:
     return out
 
 
-def compare_table(runs_dir: Path, metric: str, column: str, baseline: str, out: Path) -> str:
-    """The paper table of ``metric`` in markdown: ``mlcl-compare`` when it offers ``--columns/--baseline``,
-    else the local stand-in :func:`mlcl.study_table.paper_table` (the one place the study calls compare)."""
+def method_table(df: Any, metrics: list[str], column: str, baseline: str | None) -> str:
+    """The paper table (rows = methods, column blocks = ``column`` values) of ``mlcl.compare``, markdown."""
     from mlcl import compare
 
-    args = [str(runs_dir), "--metrics", metric, "--columns", column, "--baseline", baseline]
-    buf_out, buf_err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
-            rc = compare.main([*args, "--format", "markdown", "--out", str(out)])
-    except SystemExit as err:  # argparse: an mlcl-compare without these options
-        rc = err.code if isinstance(err.code, int) else 2
-    if rc == 0 and buf_out.getvalue().strip():
-        return buf_out.getvalue().strip()
-    from mlcl.study_table import load_runs, paper_table
+    base = ("method", baseline) if baseline else None
+    return compare.render(
+        compare.build_table(df, metrics, ["method", column], columns=column, baseline=base), "markdown"
+    )
 
-    table, _ = paper_table(load_runs(runs_dir), metric, column, baseline)
-    return table
+
+def _embedding_pictures(df: Any, column: str) -> dict[str, Path]:
+    """One t-SNE picture per method (its first run in grid order; the final stage's for multi-stage jobs)."""
+    pictures: dict[str, Path] = {}
+    for _, row in df.sort_values([column, "seed"]).iterrows():
+        found = sorted(Path(row["run_dir"]).rglob("embeddings.png"))
+        if found and row["method"] not in pictures:
+            pictures[str(row["method"])] = found[-1]
+    return pictures
 
 
 def write_report(
@@ -186,11 +184,13 @@ def write_report(
     status: list[int],
     extra: Sequence[str] = (),
 ) -> Path:
-    """Write ``<study_dir>/report.md``: tables, plots, commands, versions, wall time."""
-    from mlcl.study_table import load_runs, per_class_heatmap, plot_vs
+    """Write ``<study_dir>/report.md``: paper tables and plots (``mlcl.compare``), representation
+    diagnostics with the embedding grid, commands, versions, wall time."""
+    from mlcl import compare
 
     runs_dir = study_dir / RUNS
-    df = load_runs(runs_dir)
+    df = compare.load_runs(runs_dir)
+    column = study["columns"]
     lines = [f"# Study `{study['name']}`", "", str(study["description"]).strip(), ""]
     if study["note"]:
         lines += [f"**Budget note.** {str(study['note']).strip()}", ""]
@@ -202,20 +202,31 @@ def write_report(
         "",
     ]
     for metric in study["metrics"]:
-        lines += [f"## {metric}", ""]
+        lines += [f"## {metric}", "", method_table(df, [metric], column, study["baseline"]), ""]
+        if metric in df.columns:
+            plot = compare.line_plot(df, column, metric, ["method"], study_dir / f"{metric}_vs_{column}.png")
+            lines += [f"![{metric} vs {column}]({plot.name})", ""]
+    lines += ["## Per-class AP", ""]
+    if "per_class.AP" in df.columns and df["per_class.AP"].notna().any():
+        heat = compare.per_class_heatmap(df, ["method"], study_dir / "per_class_AP.png")
+        lines += [f"![per-class AP]({heat.name})", ""]
+    else:
+        lines += ["The runs record no per-class AP (`per_class`).", ""]
+    rep = sorted(c for c in df.columns if c.startswith("representation.") and df[c].notna().any())
+    if rep:
         lines += [
-            compare_table(runs_dir, metric, study["columns"], f"method={study['baseline']}", study_dir),
+            "## Representation diagnostics",
+            "",
+            "Test-split embeddings (`diagnostics=embeddings`).",
             "",
         ]
-        plot = plot_vs(df, metric, study["columns"], study_dir) if metric in df.columns else None
-        if plot is not None:
-            lines += [f"![{metric} vs {study['columns']}]({plot.name})", ""]
-    heat = per_class_heatmap(df, study_dir)
-    lines += ["## Per-class AP", ""]
-    lines += [
-        f"![per-class AP]({heat.name})" if heat else "The runs record no per-class AP (`per_class`).",
-        "",
-    ]
+        lines += [method_table(df, rep, column, None), ""]
+        pictures = _embedding_pictures(df, column)
+        if pictures:
+            from mlcl.diagnostics import embedding_grid
+
+            grid = embedding_grid(pictures, study_dir / "embeddings_grid.png")
+            lines += [f"![t-SNE of the test embeddings per method]({grid.name})", ""]
     lines += ["## Commands", "", "```"]
     lines += [shlex.join(["mlcl-study", study["name"], *extra])]
     lines += [shlex.join(["python", *c[1:]]) for c in cmds] + ["```", ""]
