@@ -1,4 +1,4 @@
-"""mlcl-bench: table structure, automatic rows for new plugins, option errors (never timings)."""
+"""mlcl-bench loss table: table structure, automatic rows for new plugins, option errors (never timings)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mlcl import bench
+from mlcl.bench import measure, report
 from mlcl.losses.base import LOSSES, LossContext, LossPlugin, list_losses, register_loss
 
 # tiny inputs: every spec case and plugin in well under a second
@@ -24,7 +25,7 @@ TINY = [
 @pytest.fixture(autouse=True)
 def _no_load_window(monkeypatch):
     """No padding of short rows to estimate the background load (keeps the tests fast)."""
-    monkeypatch.setattr(bench, "_MIN_WINDOW_S", 0.0)
+    monkeypatch.setattr(measure, "_MIN_WINDOW_S", 0.0)
 
 
 def _table(text: str, title: str | None = None) -> list[list[str]]:
@@ -224,23 +225,23 @@ def test_speedup_and_target_verdicts():
     case = bench.Case("kmcl/anisotropic", "kmcl", "kmcl (anisotropic D=128)", lambda s: None)
     typical = bench.Setup()
     fast = bench.Row(case, typical, times=[100.0] * 20, mib=50.0)
-    ref, speed, target, met = bench._speedup(fast)
+    ref, speed, target, met = report._speedup(fast)
     assert ref.startswith("3173–3411 ms, +1.66 GB")
     assert (speed, target, met) == ("31.7×", "≥ 5×, ≤ 400 MiB", "yes")  # 3173 / 100
-    assert bench._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=500.0))[3] == "**no**"
-    assert bench._speedup(bench.Row(case, typical, times=[1000.0] * 20, mib=50.0))[1:] == (
+    assert report._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=500.0))[3] == "**no**"
+    assert report._speedup(bench.Row(case, typical, times=[1000.0] * 20, mib=50.0))[1:] == (
         "3.2×",
         "≥ 5×, ≤ 400 MiB",
         "**no**",
     )
-    unmeasured = bench._speedup(bench.Row(case, typical, times=[100.0] * 20))
+    unmeasured = report._speedup(bench.Row(case, typical, times=[100.0] * 20))
     assert unmeasured[3] == "yes (memory not measured)"
-    busy = bench._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=50.0, background=1.0))
+    busy = report._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=50.0, background=1.0))
     assert busy[3] == "yes (busy machine)"
     other = bench.Setup(batch=32)
-    assert bench._speedup(bench.Row(case, other, times=[100.0] * 20))[1] == "— (other shape)"
+    assert report._speedup(bench.Row(case, other, times=[100.0] * 20))[1] == "— (other shape)"
     gpu = bench.Setup(device="cuda")
-    assert bench._speedup(bench.Row(case, gpu, times=[100.0] * 20))[3] == "— (CPU target)"
+    assert report._speedup(bench.Row(case, gpu, times=[100.0] * 20))[3] == "— (CPU target)"
 
 
 def test_train_subcommand_smoke(capsys):
@@ -259,21 +260,21 @@ def test_train_subcommand_smoke(capsys):
 
 def test_busy_rows_are_retried_and_marked(monkeypatch):
     loads = iter([0.9, 0.7, 0.5])  # other processes keep the CPU busy on every attempt
-    monkeypatch.setattr(bench, "background_load", lambda start: next(loads))
+    monkeypatch.setattr(measure, "background_load", lambda start: next(loads))
     s = bench.Setup(batch=8, classes=5, feature_dim=8)
     (case,) = bench.cases_for(["bce"], s)
-    row = bench._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
+    row = measure._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
     assert row.attempts == 3 and row.busy and len(row.times) == 2
     assert row.background in (0.9, 0.7, 0.5)
-    assert bench._fmt_load(row).endswith(" !")
+    assert report._fmt_load(row).endswith(" !")
 
     quiet = iter([0.9, 0.05])  # the second attempt is quiet: it is kept and no third one is made
-    monkeypatch.setattr(bench, "background_load", lambda start: next(quiet))
-    row = bench._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
+    monkeypatch.setattr(measure, "background_load", lambda start: next(quiet))
+    row = measure._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
     assert (row.attempts, row.background, row.busy) == (2, 0.05, False)
-    assert bench._fmt_load(row) == "0.05"
+    assert report._fmt_load(row) == "0.05"
 
 
 def test_background_load_is_a_core_count():
-    load = bench.background_load(bench._cpu_snapshot())
+    load = measure.background_load(measure._cpu_snapshot())
     assert load is None or 0.0 <= load <= (os.cpu_count() or 1) + 0.5
