@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs
+from mlcl import runs, threads
 from mlcl.data.datamodule import MultiLabelDataModule
 from mlcl.models.module import MLCLModule
 
@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.ensure_fresh_run_dir(run_dir, resume=cfg.get("ckpt_path") is not None)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    threads.apply_thread_policy(cfg)  # pops trainer.threads (unknown to lightning.Trainer), logs the count
     L.seed_everything(cfg.seed, workers=True)
 
     dm: MultiLabelDataModule = instantiate(
