@@ -180,7 +180,7 @@ class MLCLModule(L.LightningModule):
         logger_step = connector is None or connector.should_update_logs
         if logger_step:
             self.log_dict({f"train/{k}_step": v for k, v in values.items()}, on_step=True, on_epoch=False)
-        if logger_step or self._epoch_rows == batch_size:  # the bar shows a loss from an epoch's first step on
+        if logger_step or self._epoch_rows == batch_size:  # a loss on the bar from the first step on
             self.log("loss", values["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
