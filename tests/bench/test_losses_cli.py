@@ -153,7 +153,8 @@ def test_scaling_table_rows(capsys):
     ]
     assert rows[0][5] == "1.0×"
     assert "[8,5,8]" in rows[1][2]
-    assert all(len(r) == 8 for r in rows)
+    assert all(len(r) == 12 for r in rows)
+    assert rows[0][8:] == ["—", "—", "—", "—"]  # no reference figure at B=4
     # B=8 is the main table's batch: its rows are reused, not measured again
     main_rows = {r[0]: r for r in _table(out)}
     assert rows[1][3] == main_rows[rows[1][0]][2] and rows[3][3] == main_rows[rows[3][0]][2]
@@ -219,6 +220,21 @@ def test_coco_targets_density_and_determinism():
     assert abs(float(y.sum(1).float().mean()) - expected) < 0.1
     assert torch.equal(y, bench.coco_targets(4096, 80, 2.9, seed=3))
     assert not torch.equal(y, bench.coco_targets(4096, 80, 2.9, seed=4))
+
+
+def test_scaling_rows_use_the_reference_at_their_batch_size():
+    (case,) = bench.cases_for(["mulcon"], bench.Setup())
+    at256 = bench.Row(case, bench.Setup(batch=256), times=[10.0] * 5)
+    ref, speed, target, met = report._speedup(at256, scaling=True)
+    assert ref.startswith("110 ms, +71 MiB (mulcon.md §16)")
+    assert (speed, target, met) == ("11.0×", "≥ 10×", "yes")  # 110 / 10
+    assert (
+        report._speedup(bench.Row(case, bench.Setup(batch=256), times=[12.0] * 5), scaling=True)[3]
+        == "**no**"
+    )
+    at64 = bench.Row(case, bench.Setup(batch=64), times=[2.7] * 5)
+    assert report._speedup(at64, scaling=True)[:2] == ("27.0–27.6 ms, +15.3 MiB (mulcon.md §16)", "10.0×")
+    assert report._speedup(bench.Row(case, bench.Setup(batch=1024), times=[1.0]), scaling=True) == ("—",) * 4
 
 
 def test_speedup_and_target_verdicts():

@@ -77,6 +77,14 @@ REFERENCES: dict[str, Reference] = {
         (1.63, 1.65), None, "baselines.md §7", {**_TYPICAL, "mulsupcon_dim": 128, "queue": 256, "via": "spec"}
     ),
 }
+#: the specs' reference figures at other batch sizes (shown in the scaling table)
+SCALING_REFERENCES: dict[str, tuple[Reference, ...]] = {
+    "mulcon": (
+        Reference(
+            (110.0,), "+71 MiB", "mulcon.md §16", {**_TYPICAL, "batch": 256, "mulcon_dim": 128, "via": "spec"}
+        ),
+    ),
+}
 TARGETS: dict[str, Target] = {
     "kmcl/anisotropic": Target(5.0, 400.0),
     "kmcl/isotropic": Target(2.0),
@@ -102,10 +110,16 @@ def _fmt_mib(x: float | None) -> str:
     return "—" if x is None else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
 
 
-def _speedup(row: Row) -> tuple[str, str, str, str]:
-    """(reference, speed-up, target, met) cells of a main-table row."""
+def _speedup(row: Row, scaling: bool = False) -> tuple[str, str, str, str]:
+    """(reference, speed-up, target, met) cells of a main-table row; ``scaling``: of a scaling-table row,
+    against the reference figure measured at that row's batch size (none: "—")."""
     ref = REFERENCES.get(row.case.key)
     tgt = TARGETS.get(row.case.key)
+    if scaling:
+        refs = [r for r in (ref, *SCALING_REFERENCES.get(row.case.key, ())) if r and r.applies(row.setup)]
+        if not refs:
+            return "—", "—", "—", "—"
+        ref = refs[0]
     ref_cell = ref.text() if ref else "—"
     tgt_cell = tgt.text() if tgt else "—"
     if ref is None or row.median is None:
@@ -166,20 +180,23 @@ def main_table(rows: Sequence[Row]) -> str:
 
 def scaling_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| loss | B | inputs | median (ms) | min (ms) | median vs first B | other load | extra peak (MiB) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| loss | B | inputs | median (ms) | min (ms) | median vs first B | other load | extra peak (MiB) "
+        "| reference (spec) | speed-up | target | met |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     first: dict[str, float] = {}
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case.label} | {r.setup.batch} | error: {_escape(r.error)} |" + " — |" * 5)
+            lines.append(f"| {r.case.label} | {r.setup.batch} | error: {_escape(r.error)} |" + " — |" * 9)
             continue
         base = first.setdefault(r.case.key, r.median)
         growth = f"{r.median / base:.1f}×" if base else "—"
         mem = _fmt_mib(r.mib) + ("~" if r.mem_note.startswith("in-process") else "")
+        ref, speed, tgt, met = _speedup(r, scaling=True)
         lines.append(
             f"| {r.case.label} | {r.setup.batch} | {_escape(r.inputs)} | {_fmt_ms(r.median)} "
-            f"| {_fmt_ms(min(r.times))} | {growth} | {_fmt_load(r)} | {mem} |"
+            f"| {_fmt_ms(min(r.times))} | {growth} | {_fmt_load(r)} | {mem} "
+            f"| {ref} | {speed} | {tgt} | {met} |"
         )
     return "\n".join(lines)
 
