@@ -138,6 +138,14 @@ def test_targets_arithmetic():
     assert rows["under2"] == ("50%", "yes")  # 25 / 50
 
 
+def test_load_share_uses_the_idle_run_just_before():
+    res = _result()
+    res.runs.append(_t("mlcl", "auto", 100.0, threads=1))  # round two on a quieter machine, after the load
+    rows = loop_cli.targets(res)
+    assert rows[3][1] == "50%"  # 25 / 50 (the run before the load), not 25 / 100
+    assert rows[0][1].startswith("0.83×")  # the best auto run (100 / 120) still counts elsewhere
+
+
 def test_targets_mark_missing_and_busy_rows():
     res = _result()
     res.runs = [r for r in res.runs if not r.loaded]
