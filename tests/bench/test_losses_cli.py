@@ -294,3 +294,13 @@ def test_busy_rows_are_retried_and_marked(monkeypatch):
 def test_background_load_is_a_core_count():
     load = measure.background_load(measure._cpu_snapshot())
     assert load is None or 0.0 <= load <= (os.cpu_count() or 1) + 0.5
+
+
+def test_train_rows_left_when_the_budget_is_spent_are_marked(capsys):
+    argv = ["train", "--losses", "bce,supcon", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    assert bench.main([*argv, "--image-size", "32", "--threads", "1", "--budget-s", "0.001"]) == 0
+    out = capsys.readouterr().out
+    rows = _table(out)
+    assert [r[0] for r in rows] == ["bce", "bce (baseline)", "supcon"]
+    assert all(r[3].startswith("error: skipped: time budget 0 s") for r in rows), rows
+    assert "(budget 0 s)" in out

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mlcl.bench.budget import Budget
 from mlcl.bench.cases import coco_targets, plugin_views
 from mlcl.bench.cli_args import _check_device, _common, _loss_list, _nonneg_int, _positive_int
 from mlcl.bench.measure import BUSY_CORES, _cpu_snapshot, background_load
@@ -57,6 +58,13 @@ def _train_parser() -> argparse.ArgumentParser:
         type=_nonneg_int,
         default=1,
         help=f"repeat a loss's run while other processes use > {BUSY_CORES} cores (default 1)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="total wall-time budget: no repeats once it is short, losses left when it is spent are "
+        "marked skipped (default 600; 0 = unlimited)",
     )
     p.add_argument(
         "--head-kwargs",
@@ -271,6 +279,7 @@ def bench_train(argv: Sequence[str]) -> int:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.perf_counter()
+    budget = Budget(args.budget_s or None)
     info = machine_info(args.device)
     # BCE at every view count in use comes first: the baseline of the "share" columns
     views = {name: plugin_views(name) for name in losses}
@@ -284,7 +293,11 @@ def bench_train(argv: Sequence[str]) -> int:
         _train_one("bce", 1, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1}), extra)
         for name, v, baseline in order:
             row = None
+            if budget.spent:
+                rows.append(TrainRow(name, v, error=f"skipped: {budget.text()} spent", baseline=baseline))
+                continue
             for _ in range(args.retries + 1):
+                t0 = budget.elapsed()
                 cand = _train_one(name, v, args, extra)
                 busy = cand.background is not None and cand.background > BUSY_CORES
                 if row is None or (busy, cand.step_ms or math.inf) < (row.busy, row.step_ms or math.inf):
@@ -296,7 +309,7 @@ def bench_train(argv: Sequence[str]) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-                if not busy or cand.error:
+                if not busy or cand.error or not budget.allows(2 * (budget.elapsed() - t0)):
                     break
             row.baseline = baseline
             rows.append(row)
@@ -324,6 +337,6 @@ def bench_train(argv: Sequence[str]) -> int:
     text = "\n".join(head) + "\n" + train_table(rows)
     if custom:
         text += "\n\nNon-default settings: " + "; ".join(custom)
-    text += _footer(started, None)
+    text += _footer(started, budget)
     _emit(text, args.out)
     return 0
