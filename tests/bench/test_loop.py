@@ -8,7 +8,7 @@ import re
 import pytest
 
 from mlcl import bench
-from mlcl.bench import loop_cli, measure
+from mlcl.bench import loop_cli, measure, report
 from mlcl.bench.budget import Budget
 from mlcl.bench.loop import CASES, Timing
 
@@ -66,6 +66,8 @@ def test_measure_row_is_skipped_once_the_budget_is_spent(capsys):
     (case,) = bench.cases_for(["bce"], s)
     row = measure._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, budget=b)
     assert row.times == [] and row.error.startswith("skipped: time budget 1 s")
+    text = report.main_table([row])
+    assert "| bce | skipped: time budget 1 s" in text and "error" not in text
 
 
 def test_busy_rows_are_not_retried_when_the_budget_is_short(monkeypatch):

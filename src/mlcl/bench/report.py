@@ -156,6 +156,11 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _problem(error: str) -> str:
+    """The inputs cell of a row that was not measured: skipped for the time budget, or its error."""
+    return _escape(error) if error.startswith("skipped:") else f"error: {_escape(error)}"
+
+
 def main_table(rows: Sequence[Row]) -> str:
     lines = [
         "| loss | inputs | median (ms) | min (ms) | IQR (ms) | other load | extra peak (MiB) "
@@ -164,7 +169,7 @@ def main_table(rows: Sequence[Row]) -> str:
     ]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case.label} | error: {_escape(r.error)} |" + " — |" * 9)
+            lines.append(f"| {r.case.label} | {_problem(r.error)} |" + " — |" * 9)
             continue
         iqr = f"{_fmt_ms(r.iqr[0])}–{_fmt_ms(r.iqr[1])}" if r.iqr else "—"
         mem = _fmt_mib(r.mib) + ("~" if r.mem_note.startswith("in-process") else "")
@@ -187,7 +192,7 @@ def scaling_table(rows: Sequence[Row]) -> str:
     first: dict[str, float] = {}
     for r in rows:
         if r.error:
-            lines.append(f"| {r.case.label} | {r.setup.batch} | error: {_escape(r.error)} |" + " — |" * 9)
+            lines.append(f"| {r.case.label} | {r.setup.batch} | {_problem(r.error)} |" + " — |" * 9)
             continue
         base = first.setdefault(r.case.key, r.median)
         growth = f"{r.median / base:.1f}×" if base else "—"
