@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runlog, runs, wandb_run
+from mlcl import runlog, runs, threads, wandb_run
 from mlcl.checkpoints import checkpoint_weights, load_full_state, read_checkpoint
 from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    threads.apply_thread_policy(cfg)  # pops trainer.threads (unknown to lightning.Trainer), logs the count
     ckpt = read_checkpoint(cfg.ckpt_path, key="ckpt_path")
     hp = ckpt.get("hyper_parameters") or {}
     run_cfg = hp.get("run_config")

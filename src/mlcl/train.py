@@ -20,7 +20,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runlog, runs, wandb_run
+from mlcl import runlog, runs, threads, wandb_run
 from mlcl.callbacks import SkipBudget, build_callbacks
 from mlcl.data.datamodule import MultiLabelDataModule
 from mlcl.metrics import per_class_results
@@ -137,6 +137,7 @@ def _run_accepted(cfg: DictConfig, plan: runs.RunPlan, start: float, leader: boo
     log.info("run directory %s: %s", run_dir, plan.reason)
     if cfg.get("print_config", True) and leader:
         runlog.print_config(cfg)
+    threads.apply_thread_policy(cfg)  # pops trainer.threads (unknown to lightning.Trainer), logs the count
     L.seed_everything(cfg.seed, workers=True)
 
     dm: MultiLabelDataModule = instantiate(

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mlcl.data import missing as missing_lib
 from mlcl.rng import EpochShuffleSampler
@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class LabeledSplit(Dataset):
-    """Wrap a source split with (possibly masked) targets, a transform and ``num_views`` views."""
+    """Wrap a source split with (possibly masked) targets, a transform and ``num_views`` views.
+
+    Sources whose class sets ``batched_getitem = True`` (in-memory tensors: ``source[index_tensor]`` is
+    the stacked items) are read a whole batch at a time (``__getitems__``, one indexing op instead of
+    one dict per sample and a collation); a transform with ``batched = True`` then sees the whole
+    ``[B, ...]`` batch, any other transform each sample.
+    """
 
     def __init__(
         self, source: Dataset, targets: Tensor, transform: Callable | None = None, num_views: int = 1
@@ -49,6 +55,30 @@ class LabeledSplit(Dataset):
         else:  # independent augmentations of the same sample
             inp = torch.stack([self._view(x) for _ in range(self.num_views)])
         return {"input": inp, "target": self.targets[i], "index": torch.tensor(i)}
+
+    def _view_batch(self, x: Tensor) -> Tensor:
+        if self.transform is None:
+            return x
+        if getattr(self.transform, "batched", False):
+            return self.transform(x)
+        return torch.stack([self.transform(xi) for xi in x])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """The batch ``indices`` already collated (batched sources), else the items one by one."""
+        if not getattr(self.source, "batched_getitem", False):
+            return [self[i] for i in indices]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.source[idx]
+        if self.num_views == 1:
+            inp = self._view_batch(x)
+        else:
+            inp = torch.stack([self._view_batch(x) for _ in range(self.num_views)], dim=1)
+        return {"input": inp, "target": self.targets[idx], "index": idx}
+
+
+def collate(batch: dict[str, Tensor] | list[Any]) -> Any:
+    """Batches that ``LabeledSplit.__getitems__`` already collated pass through; items are collated."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 class MultiLabelDataModule(L.LightningDataModule):
@@ -173,6 +203,7 @@ class MultiLabelDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

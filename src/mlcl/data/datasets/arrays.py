@@ -346,6 +346,9 @@ class ArraySource(Dataset):
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    #: ``self[index_tensor]`` is the stacked rows: the datamodule reads whole batches at once
+    batched_getitem = True
+
     def __getitem__(self, i: int) -> Tensor:
         return self.features[i]
 
@@ -369,6 +372,9 @@ class ArraySource(Dataset):
 
 class FeatureAugment:
     """Bernoulli feature zeroing with probability ``p`` then additive Gaussian noise; returns a new tensor."""
+
+    #: element-wise: applies to a whole ``[B, D]`` batch as to each row
+    batched = True
 
     def __init__(self, p: float = 0.0, noise_std: float = 0.0) -> None:
         self.p, self.noise_std = p, noise_std

@@ -119,6 +119,9 @@ class DigitsMosaic(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    #: ``self[index_tensor]`` is the stacked images: the datamodule reads whole batches at once
+    batched_getitem = True
+
     def __getitem__(self, i: int) -> Tensor:
         return self.images[i]
 

@@ -1,4 +1,4 @@
-"""mlcl-bench: table structure, automatic rows for new plugins, option errors (never timings)."""
+"""mlcl-bench loss table: table structure, automatic rows for new plugins, option errors (never timings)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mlcl import bench
+from mlcl.bench import measure, report
 from mlcl.losses.base import LOSSES, LossContext, LossPlugin, list_losses, register_loss
 
 # tiny inputs: every spec case and plugin in well under a second
@@ -24,7 +25,7 @@ TINY = [
 @pytest.fixture(autouse=True)
 def _no_load_window(monkeypatch):
     """No padding of short rows to estimate the background load (keeps the tests fast)."""
-    monkeypatch.setattr(bench, "_MIN_WINDOW_S", 0.0)
+    monkeypatch.setattr(measure, "_MIN_WINDOW_S", 0.0)
 
 
 def _table(text: str, title: str | None = None) -> list[list[str]]:
@@ -152,7 +153,8 @@ def test_scaling_table_rows(capsys):
     ]
     assert rows[0][5] == "1.0×"
     assert "[8,5,8]" in rows[1][2]
-    assert all(len(r) == 8 for r in rows)
+    assert all(len(r) == 12 for r in rows)
+    assert rows[0][8:] == ["—", "—", "—", "—"]  # no reference figure at B=4
     # B=8 is the main table's batch: its rows are reused, not measured again
     main_rows = {r[0]: r for r in _table(out)}
     assert rows[1][3] == main_rows[rows[1][0]][2] and rows[3][3] == main_rows[rows[3][0]][2]
@@ -220,27 +222,42 @@ def test_coco_targets_density_and_determinism():
     assert not torch.equal(y, bench.coco_targets(4096, 80, 2.9, seed=4))
 
 
+def test_scaling_rows_use_the_reference_at_their_batch_size():
+    (case,) = bench.cases_for(["mulcon"], bench.Setup())
+    at256 = bench.Row(case, bench.Setup(batch=256), times=[10.0] * 5)
+    ref, speed, target, met = report._speedup(at256, scaling=True)
+    assert ref.startswith("110 ms, +71 MiB (mulcon.md §16)")
+    assert (speed, target, met) == ("11.0×", "≥ 10×", "yes")  # 110 / 10
+    assert (
+        report._speedup(bench.Row(case, bench.Setup(batch=256), times=[12.0] * 5), scaling=True)[3]
+        == "**no**"
+    )
+    at64 = bench.Row(case, bench.Setup(batch=64), times=[2.7] * 5)
+    assert report._speedup(at64, scaling=True)[:2] == ("27.0–27.6 ms, +15.3 MiB (mulcon.md §16)", "10.0×")
+    assert report._speedup(bench.Row(case, bench.Setup(batch=1024), times=[1.0]), scaling=True) == ("—",) * 4
+
+
 def test_speedup_and_target_verdicts():
     case = bench.Case("kmcl/anisotropic", "kmcl", "kmcl (anisotropic D=128)", lambda s: None)
     typical = bench.Setup()
     fast = bench.Row(case, typical, times=[100.0] * 20, mib=50.0)
-    ref, speed, target, met = bench._speedup(fast)
+    ref, speed, target, met = report._speedup(fast)
     assert ref.startswith("3173–3411 ms, +1.66 GB")
     assert (speed, target, met) == ("31.7×", "≥ 5×, ≤ 400 MiB", "yes")  # 3173 / 100
-    assert bench._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=500.0))[3] == "**no**"
-    assert bench._speedup(bench.Row(case, typical, times=[1000.0] * 20, mib=50.0))[1:] == (
+    assert report._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=500.0))[3] == "**no**"
+    assert report._speedup(bench.Row(case, typical, times=[1000.0] * 20, mib=50.0))[1:] == (
         "3.2×",
         "≥ 5×, ≤ 400 MiB",
         "**no**",
     )
-    unmeasured = bench._speedup(bench.Row(case, typical, times=[100.0] * 20))
+    unmeasured = report._speedup(bench.Row(case, typical, times=[100.0] * 20))
     assert unmeasured[3] == "yes (memory not measured)"
-    busy = bench._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=50.0, background=1.0))
+    busy = report._speedup(bench.Row(case, typical, times=[100.0] * 20, mib=50.0, background=1.0))
     assert busy[3] == "yes (busy machine)"
     other = bench.Setup(batch=32)
-    assert bench._speedup(bench.Row(case, other, times=[100.0] * 20))[1] == "— (other shape)"
+    assert report._speedup(bench.Row(case, other, times=[100.0] * 20))[1] == "— (other shape)"
     gpu = bench.Setup(device="cuda")
-    assert bench._speedup(bench.Row(case, gpu, times=[100.0] * 20))[3] == "— (CPU target)"
+    assert report._speedup(bench.Row(case, gpu, times=[100.0] * 20))[3] == "— (CPU target)"
 
 
 def test_train_subcommand_smoke(capsys):
@@ -259,21 +276,31 @@ def test_train_subcommand_smoke(capsys):
 
 def test_busy_rows_are_retried_and_marked(monkeypatch):
     loads = iter([0.9, 0.7, 0.5])  # other processes keep the CPU busy on every attempt
-    monkeypatch.setattr(bench, "background_load", lambda start: next(loads))
+    monkeypatch.setattr(measure, "background_load", lambda start: next(loads))
     s = bench.Setup(batch=8, classes=5, feature_dim=8)
     (case,) = bench.cases_for(["bce"], s)
-    row = bench._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
+    row = measure._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
     assert row.attempts == 3 and row.busy and len(row.times) == 2
     assert row.background in (0.9, 0.7, 0.5)
-    assert bench._fmt_load(row).endswith(" !")
+    assert report._fmt_load(row).endswith(" !")
 
     quiet = iter([0.9, 0.05])  # the second attempt is quiet: it is kept and no third one is made
-    monkeypatch.setattr(bench, "background_load", lambda start: next(quiet))
-    row = bench._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
+    monkeypatch.setattr(measure, "background_load", lambda start: next(quiet))
+    row = measure._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
     assert (row.attempts, row.background, row.busy) == (2, 0.05, False)
-    assert bench._fmt_load(row) == "0.05"
+    assert report._fmt_load(row) == "0.05"
 
 
 def test_background_load_is_a_core_count():
-    load = bench.background_load(bench._cpu_snapshot())
+    load = measure.background_load(measure._cpu_snapshot())
     assert load is None or 0.0 <= load <= (os.cpu_count() or 1) + 0.5
+
+
+def test_train_rows_left_when_the_budget_is_spent_are_marked(capsys):
+    argv = ["train", "--losses", "bce,supcon", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    assert bench.main([*argv, "--image-size", "32", "--threads", "1", "--budget-s", "0.001"]) == 0
+    out = capsys.readouterr().out
+    rows = _table(out)
+    assert [r[0] for r in rows] == ["bce", "bce (baseline)", "supcon"]
+    assert all(r[3].startswith("error: skipped: time budget 0 s") for r in rows), rows
+    assert "(budget 0 s)" in out
