@@ -11,13 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs
+from mlcl import cli, config, runs
 from mlcl.checkpoints import checkpoint_weights, read_checkpoint
 from mlcl.models.module import MLCLModule
 
@@ -25,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    config.validate(cfg, task="eval")
     ckpt = read_checkpoint(cfg.ckpt_path, key="ckpt_path")
     hp = ckpt.get("hyper_parameters") or {}
     run_cfg = hp.get("run_config")
@@ -79,7 +79,7 @@ def _print(results: dict[str, Any], path: Path) -> None:
     Console().print(f"results: {path}")
 
 
-@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@cli.hydra_main("eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

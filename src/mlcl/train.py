@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runs
+from mlcl import cli, config, runs
 from mlcl.data.datamodule import MultiLabelDataModule
 from mlcl.models.module import MLCLModule
 
@@ -90,6 +89,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, with_logger: bool = True) ->
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train + test one configuration; returns the results written to ``metrics.json``."""
+    config.validate(cfg)  # types, ranges, paths, combinations: before anything is built or written
     start = time.time()
     run_dir = Path(
         HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.output_dir
@@ -179,7 +179,7 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
     console.print(f"results: {path}")
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@cli.hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
     metric = cfg.get("optimized_metric")

@@ -23,6 +23,8 @@ class ConfigError(UserError, ValueError):
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -44,13 +46,22 @@ class Param:
     nullable: bool = False
     item: str | None = None
     doc: str = ""
+    #: kind "path": what must exist there ("file", "dir" or "any"); relative paths resolve against the root
+    exists: str = "any"
 
     def describe(self) -> str:
         """Human description of the accepted values, e.g. ``a number > 0`` or ``one of a, b``."""
         if self.choices is not None:
             text = "one of " + ", ".join(str(c) for c in self.choices)
         else:
-            noun = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+            noun = {
+                "float": "a number",
+                "int": "an integer",
+                "bool": "true or false",
+                "str": "a string",
+                "path": "a path",
+                "any": "a value",
+            }
             text = noun.get(self.kind, f"a {self.kind}")
             if self.kind == "list" and self.item:
                 text = f"a list of {noun.get(self.item, self.item)}s"
@@ -63,10 +74,10 @@ class Param:
         return [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
 
     def _error(self, key: str, value: Any, problem: str | None = None) -> ConfigError:
-        what = f"{key}={_fmt(value)} is {problem or 'not valid'}: it must be {self.describe()}"
+        what = f"{key}={_fmt(value)} is {problem or 'not valid'}"
         fix = f"set {key} to {self.describe()}"
         if self.default is not REQUIRED:
-            fix += f" (default {_fmt(self.default) if self.default is not None else 'null'})"
+            fix += f" (default {_fmt(self.default)})"
         return ConfigError(what, key, fix)
 
     def _scalar(self, kind: str, value: Any, key: str, shown: Any) -> Any:
@@ -105,7 +116,7 @@ class Param:
                 if not ok:
                     raise self._error(key, shown, "out of range")
             return value
-        if kind == "str":
+        if kind in ("str", "path"):
             if isinstance(value, str):
                 return value
             raise self._error(key, shown, "not a string")
@@ -163,6 +174,10 @@ def List(default: Any = REQUIRED, item: str | None = None, **kw: Any) -> Param: 
 
 def Dict(default: Any = REQUIRED, item: str | None = None, **kw: Any) -> Param:  # noqa: N802
     return Param(default, "dict", item=item, **kw)
+
+
+def Path_(default: Any = None, exists: str = "any", **kw: Any) -> Param:  # noqa: N802
+    return Param(default, "path", exists=exists, **kw)
 
 
 def Any_(default: Any = None, **kw: Any) -> Param:  # noqa: N802
