@@ -260,13 +260,12 @@ def test_relative_path_resolves_against_root(tmp_path, monkeypatch):
 
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
         "WANDB_MODE": "offline",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO / "src"),
         **(env or {}),
     }
-    env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
