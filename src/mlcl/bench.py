@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlcl import cli
 from mlcl.losses.base import LossContext, get_loss_class, list_losses
 
 __all__ = ["SPEC_CASES", "Case", "Setup", "coco_targets", "main", "run_case"]
@@ -1350,6 +1351,7 @@ def _bench_train(argv: Sequence[str]) -> int:
     return 0
 
 
+@cli.guard
 def main(argv: Sequence[str] | None = None) -> int:
     """``mlcl-bench [options]`` (loss table) or ``mlcl-bench train [options]`` (training steps)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import traceback
+import zipfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -91,6 +92,38 @@ def _omegaconf_error(exc: BaseException) -> UserError | None:
     return UserError(first, key, "fix that value on the command line or in the YAML")
 
 
+_DATA_DIR = os.sep + os.path.join("mlcl", "data") + os.sep
+_LEADING_FILE = re.compile(r"^(?P<file>[^\s:][^:\n]*?)(?::(?P<line>\d+))?: (?P<what>.+)$", re.DOTALL)
+_SET_KEY = re.compile(r"\bset (?P<key>[a-z_]+(?:\.[\w{},]+)+)")
+
+
+def _raised_in_data_code(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if _DATA_DIR in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _data_error(exc: BaseException) -> UserError | None:
+    """A ValueError/OSError that the data code raised about a file or a data key (its message says
+    which: ``<file>[:<line>]: <what>`` or ``...; set data.<key>``)."""
+    if not isinstance(exc, (ValueError, OSError, EOFError, zipfile.BadZipFile)) or not _raised_in_data_code(
+        exc
+    ):
+        return None
+    text = _one_line(str(exc))
+    found = _LEADING_FILE.match(text)
+    if found and os.path.exists(found["file"]):
+        where = found["file"] + (f":{found['line']}" if found["line"] else "")
+        return UserError(found["what"], where, "fix or replace the file, or point the config at another one")
+    key = _SET_KEY.search(text)
+    filename = getattr(exc, "filename", None)
+    where = key["key"] if key else str(filename or "data")
+    return UserError(text, where, f"check {where}" if key else "check the data files and the data.* keys")
+
+
 def to_user_error(exc: BaseException) -> UserError | None:
     """The :class:`UserError` that ``exc`` stands for, or None for a programming error."""
     chain = _chain(exc)
@@ -98,7 +131,7 @@ def to_user_error(exc: BaseException) -> UserError | None:
         if isinstance(e, UserError):
             return e
     for e in chain:
-        converted = _hydra_error(e) or _omegaconf_error(e)
+        converted = _hydra_error(e) or _omegaconf_error(e) or _data_error(e)
         if converted is not None:
             return converted
     for e in chain:
@@ -146,11 +179,14 @@ def report(exc: BaseException, err: UserError) -> None:
     print(err.paragraph(), file=sys.stderr, flush=True)
 
 
-def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; a user error is reported (:func:`report`) and ends the process with exit code 2."""
+def run_guarded(fn: Callable[..., Any], *args: Any, hydra: bool = False, **kwargs: Any) -> Any:
+    """Call ``fn``; a user error is reported (:func:`report`) and ends the process with exit code 2.
+
+    ``hydra=True`` (``fn`` is a ``@hydra.main`` entry) asks Hydra to re-raise instead of printing its
+    own report, so the error reaches this wrapper with its chain.
+    """
     saved = {k: os.environ.get(k) for k in (FULL, _OURS)}
-    if not _user_full_error():
-        # Hydra re-raises instead of printing its own report: the error reaches us with its chain
+    if hydra and not _user_full_error():
         os.environ[FULL], os.environ[_OURS] = "1", "1"
     try:
         return fn(*args, **kwargs)
@@ -204,7 +240,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
 
         @functools.wraps(task)
         def main() -> Any:
-            return run_guarded(entry)
+            return run_guarded(entry, hydra=True)
 
         main.task = task  # type: ignore[attr-defined]
         return main

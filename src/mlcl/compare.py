@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from mlcl import cli
+
 GROUP_KEYS = ["experiment", "tag", "loss", "backbone", "data", "missing_mode", "missing_rate"]
 
 
@@ -126,6 +128,7 @@ def plot(df: pd.DataFrame, x: str, metric: str, line: str, out: Path) -> Path:
     return path
 
 
+@cli.guard
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlcl-compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("root", type=Path, help="run or sweep directory (searched recursively for metrics.json)")

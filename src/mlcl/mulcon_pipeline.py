@@ -38,6 +38,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlcl import cli
+
 log = logging.getLogger("mlcl.mulcon_pipeline")
 
 STAGES = ("stage1", "stage2")
@@ -416,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.guard
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m mlcl.mulcon_pipeline`` / ``mlcl-mulcon``. Returns the exit status."""
     args = build_parser().parse_intermixed_args(argv)
