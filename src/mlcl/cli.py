@@ -179,6 +179,18 @@ def report(exc: BaseException, err: UserError) -> None:
     print(err.paragraph(), file=sys.stderr, flush=True)
 
 
+def _reporting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a user error is reported and becomes ``SystemExit(2)``, others propagate."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        err = to_user_error(exc)
+        if err is None:
+            raise
+        report(exc, err)
+        raise SystemExit(2) from None
+
+
 def run_guarded(fn: Callable[..., Any], *args: Any, hydra: bool = False, **kwargs: Any) -> Any:
     """Call ``fn``; a user error is reported (:func:`report`) and ends the process with exit code 2.
 
@@ -189,13 +201,7 @@ def run_guarded(fn: Callable[..., Any], *args: Any, hydra: bool = False, **kwarg
     if hydra and not _user_full_error():
         os.environ[FULL], os.environ[_OURS] = "1", "1"
     try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        err = to_user_error(exc)
-        if err is None:
-            raise
-        report(exc, err)
-        raise SystemExit(2) from None
+        return _reporting(fn, *args, **kwargs)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -225,16 +231,9 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
     def decorate(task: Callable[[Any], Any]) -> Callable[[], Any]:
         @functools.wraps(task)
         def logged_task(cfg: Any) -> Any:
-            try:
-                return task(cfg)
-            except Exception as exc:
-                err = to_user_error(exc)
-                if err is None:
-                    raise
-                # reported here, while the run's log files are attached; SystemExit passes through Hydra
-                # without its "Error executing job" line
-                report(exc, err)
-                raise SystemExit(2) from None
+            # reported here, while the run's log files are attached; SystemExit passes through Hydra
+            # without its "Error executing job" line
+            return _reporting(task, cfg)
 
         entry = hydra.main(config_path="conf", config_name=config_name, version_base="1.3")(logged_task)
 

@@ -82,14 +82,20 @@ def test_empty_split_names_file(tmp_path):
     assert err.where == str(files["val"]) and "val" in err.what
 
 
+def _coco_root(root: Path, annotations: str) -> Path:
+    """A COCO-2014 layout whose train annotation file holds ``annotations``; returns that file."""
+    (root / "annotations").mkdir()
+    for d in ("train2014", "val2014"):
+        (root / d).mkdir()
+    ann = root / "annotations" / "instances_train2014.json"
+    ann.write_text(annotations)
+    return ann
+
+
 def test_malformed_coco_json_names_file_and_line(tmp_path):
     from mlcl.data.datasets.coco import COCOSource
 
-    (tmp_path / "annotations").mkdir()
-    for d in ("train2014", "val2014"):
-        (tmp_path / d).mkdir()
-    ann = tmp_path / "annotations" / "instances_train2014.json"
-    ann.write_text('{\n  "images": [\n    {"id": 1,\n')
+    ann = _coco_root(tmp_path, '{\n  "images": [\n    {"id": 1,\n')
     err = user_error(COCOSource, split="train", root=str(tmp_path))
     assert err.where == f"{ann}:4", err.paragraph()
 
@@ -97,11 +103,8 @@ def test_malformed_coco_json_names_file_and_line(tmp_path):
 def test_coco_json_without_instances_layout(tmp_path):
     from mlcl.data.datasets.coco import COCOSource
 
-    (tmp_path / "annotations").mkdir()
-    for d in ("train2014", "val2014"):
-        (tmp_path / d).mkdir()
-    ann = tmp_path / "annotations" / "instances_train2014.json"
-    ann.write_text('{"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": [{"id": 1}]}')
+    layout = '{"images": [{"id": 1}], "annotations": [{"image_id": 1}], "categories": [{"id": 1}]}'
+    ann = _coco_root(tmp_path, layout)
     assert user_error(COCOSource, split="train", root=str(tmp_path)).where == str(ann)
 
 

@@ -96,6 +96,9 @@ class LossPlugin(nn.Module):
     hyperparams: ClassVar[dict[str, Param]] = {}
     #: the same for the keys of ``head_kwargs`` (checked by the validator; the head checks its own)
     head_hyperparams: ClassVar[dict[str, Param]] = {}
+    #: the base constructor takes the hyper-parameters as keywords (checked, stored as attributes);
+    #: plugins with their own explicit constructor leave this off
+    hyperparams_as_keywords: ClassVar[bool] = False
 
     @classmethod
     def build_head(
@@ -115,6 +118,7 @@ class LossPlugin(nn.Module):
         num_samples: int = 0,
         head_kwargs: dict[str, Any] | None = None,
         gather: bool = False,
+        **hyperparams: Any,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
@@ -124,6 +128,12 @@ class LossPlugin(nn.Module):
         self.head_kwargs = {**self.default_head_kwargs, **dict(head_kwargs or {})}
         #: all-gather (with gradients) across DDP ranks before batch-coupled terms
         self.gather = bool(gather)
+        if self.hyperparams_as_keywords:
+            self.set_hyperparams(hyperparams)
+        elif hyperparams:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(hyperparams)}"
+            )
 
     @classmethod
     def hyperparam_defaults(cls) -> dict[str, Any]:

@@ -229,6 +229,14 @@ class _ProjectedContrastive(LossPlugin):
         return {"loss": cls_term + con_term, "loss_cls": cls_term, "loss_con": con_term}
 
 
+#: hyper-parameters of the joint objective cls_weight * BCE + con_weight * contrastive (both plugins)
+_JOINT = {
+    "cls_weight": Float(1.0, ge=0),
+    "con_weight": Float(1.0, ge=0),
+    "classify_views": Choice("first", "first", "all"),
+}
+
+
 @register_loss("supcon")
 class SupCon(_ProjectedContrastive):
     """SupCon / SimCLR on projected views, optionally joint with BCE (spec 3.1).
@@ -248,9 +256,7 @@ class SupCon(_ProjectedContrastive):
         "proj_dims": List(None, item="int", ge=1, nullable=True),
         "proj_norm": Choice("none", "none", "bn"),
         "proj_dropout": Float(0.0, ge=0, lt=1),
-        "cls_weight": Float(1.0, ge=0),
-        "con_weight": Float(1.0, ge=0),
-        "classify_views": Choice("first", "first", "all"),
+        **_JOINT,
     }
 
     def __init__(
@@ -345,9 +351,7 @@ class MulSupCon(_ProjectedContrastive):
         "proj_dims": List(None, item="int", ge=1, nullable=True),
         "proj_norm": Choice("bn", "bn", "none"),
         "proj_dropout": Float(0.1, ge=0, lt=1),
-        "cls_weight": Float(1.0, ge=0),
-        "con_weight": Float(1.0, ge=0),
-        "classify_views": Choice("first", "first", "all"),
+        **_JOINT,
     }
 
     def __init__(

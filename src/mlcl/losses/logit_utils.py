@@ -66,26 +66,8 @@ class LogitsPlugin(LossPlugin):
 
     head = "linear"
     unknown_policy = "treated as negative (unknown='negative', default) or ignored (unknown='ignore')"
+    hyperparams_as_keywords = True
     loss_fn: Any = None
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        **hyperparams: Any,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        self.set_hyperparams(hyperparams)
 
     def _logits_targets(self, outputs: dict[str, Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         logits = outputs["logits"]
