@@ -33,7 +33,7 @@ register_schema(
     "",
     {
         "seed": Int(0, ge=0),
-        "tag": Str(None, nullable=True),
+        "tag": Any_(None),  # free-form label (a number is fine)
         "tags": List([], nullable=True),
         "monitor": Str("val/mAP"),
         "optimized_metric": Str("val/mAP", nullable=True),
