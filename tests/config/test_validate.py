@@ -234,7 +234,7 @@ def test_issue_examples_and_combinations(overrides, key):
             "monitor=val/CF1_top3",
             "optimized_metric=test/mAP",
         ],
-        ["++trainer.threads=1", "++diagnostics.every=2", "++tags=[a,b]"],
+        ["++trainer.threads=1", "++diagnostics.every=2", "++tags=[a,b]", "tag=2024"],
     ],
     ids=lambda v: " ".join(v) or "defaults",
 )

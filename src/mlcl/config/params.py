@@ -181,7 +181,7 @@ def Path_(default: Any = None, exists: str = "any", **kw: Any) -> Param:  # noqa
 
 
 def Any_(default: Any = None, **kw: Any) -> Param:  # noqa: N802
-    return Param(default, "any", **kw)
+    return Param(default, "any", **{"nullable": True, **kw})
 
 
 def check_all(spec: Mapping[str, Param], given: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -133,7 +133,10 @@ class _Checker:
         if ok:
             return
         raw = self._raw(key)
-        envs = [e for e in _ENV_REF.findall(raw) if e != ROOT_ENV] + [ROOT_ENV]
+        envs = [e for e in _ENV_REF.findall(raw) if e != ROOT_ENV]
+        if "paths.data_dir" in raw:
+            envs.append("MLCL_DATA")
+        envs.append(ROOT_ENV)
         kind = {"file": "file", "dir": "folder"}.get(param.exists, "path")
         what = f"{kind} not found: {path}" if not path.exists() else f"{path} is not a {kind}"
         raise UserError(
