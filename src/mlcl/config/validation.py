@@ -79,7 +79,7 @@ def _check_required_and_resolvable(cfg: DictConfig) -> None:
     for name in cfg:
         if name == "hydra":
             continue
-        try:
+        try:  # resolving every value surfaces a broken interpolation with its key
             OmegaConf.to_container(cfg[name], resolve=True) if OmegaConf.is_config(cfg[name]) else cfg[name]
         except OmegaConfBaseException as exc:
             if "HydraConfig was not set" in str(exc):
@@ -90,6 +90,8 @@ def _check_required_and_resolvable(cfg: DictConfig) -> None:
 
 
 class _Checker:
+    """Checks one config: declared keys and paths against the project root; collects warnings."""
+
     def __init__(self, cfg: DictConfig, task: str) -> None:
         self.cfg, self.task = cfg, task
         self.root = project_root()
@@ -97,6 +99,7 @@ class _Checker:
 
     # ------------------------------------------------------------------ declared keys
     def check_node(self, path: str, spec: Mapping[str, Param]) -> None:
+        """Every key of ``spec`` present in the node at ``path`` (others are left alone)."""
         node = _node(self.cfg, path)
         if not isinstance(node, DictConfig):
             return
@@ -115,6 +118,7 @@ class _Checker:
                 param.check(value, key)
 
     def check_path(self, key: str, value: Any, param: Param) -> None:
+        """A relative path is made absolute under the root (in the config); it must exist."""
         if value is True and key == "backbone.pretrained":
             raise UserError(
                 "backbone.pretrained=true would download weights and there is no network here",
