@@ -206,7 +206,7 @@ def test_missing_stage1_ckpt_names_the_key(tmp_path):
         module="mlcl.train",
     )
     assert proc.returncode != 0
-    assert "stage1_ckpt" in proc.stderr and "Missing mandatory value" in proc.stderr
+    assert "mlcl: error: stage1_ckpt is required" in proc.stderr
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
 
 

@@ -33,6 +33,8 @@ _REQUIRED_FIX = {
     "missing.path": "point it at the observed-label file, e.g. missing.path=/data/coco_train_0.75left.txt",
     "backbone.name": "name a timm model, e.g. backbone.name=convnext_tiny",
     "ckpt_path": "point it at a checkpoint, e.g. ckpt_path=outputs/train/bce/<run>/checkpoints/best.ckpt",
+    "stage1_ckpt": "point it at the stage-one run's checkpoints/best.ckpt (or null: no initialisation)",
+    "pretrain_ckpt": "point it at the pre-training run's checkpoints/last.ckpt (or null: no pre-training)",
 }
 
 
