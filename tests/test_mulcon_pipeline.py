@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from mlcl import mulcon_pipeline as mp
+from mlcl.errors import UserError
 from tests.conftest import REPO
 
 SMALL = [
@@ -225,7 +226,7 @@ def _run_stage2(tmp_path: Path, ckpt: str, extra: list[str] = ()) -> Path:
 
 
 def test_nonexistent_stage1_ckpt(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"stage1_ckpt='/nope/stage1\.ckpt' does not exist"):
+    with pytest.raises(UserError, match=r"/nope/stage1\.ckpt \(stage1_ckpt\)"):
         _run_stage2(tmp_path, "/nope/stage1.ckpt")
 
 

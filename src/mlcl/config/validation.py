@@ -91,6 +91,18 @@ def _check_required_and_resolvable(cfg: DictConfig) -> None:
             raise UserError(f"{key} cannot be resolved: {first}", key, "fix that value") from exc
 
 
+def _typed_key(key: str, raw: str) -> str:
+    """The key the user types for ``key``: the target of a plain ``${other}`` / ``${..other}`` link."""
+    link = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", raw.strip())
+    if not link:
+        return key
+    dots, target = link.groups()
+    if not dots:
+        return target
+    parent = key.split(".")[: -len(dots)]
+    return ".".join([*parent, target])
+
+
 class _Checker:
     """Checks one config: declared keys and paths against the project root; collects warnings."""
 
@@ -139,6 +151,7 @@ class _Checker:
         if ok:
             return
         raw = self._raw(key)
+        key = _typed_key(key, raw)
         envs = [e for e in _ENV_REF.findall(raw) if e != ROOT_ENV]
         if "paths.data_dir" in raw:
             envs.append("MLCL_DATA")
