@@ -76,3 +76,12 @@ def test_outputs_present_small_and_machine_independent(path: Path):
     for i, cell in enumerate(cells):
         for out in cell.outputs:
             assert TMP_PREFIX not in _output_text(out), f"code cell {i} shows a temporary run directory"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_runs_from_any_working_directory(path: Path):
+    """No cell looks for the repository from the working directory (the package finds its own configs
+    and project root), so a notebook started anywhere runs."""
+    code = "\n".join(c.source for c in _code_cells(path))
+    assert "Path.cwd()" not in code and "os.getcwd()" not in code and "os.chdir" not in code
+    assert "cwd=REPO" not in code

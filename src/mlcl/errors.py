@@ -25,3 +25,14 @@ class UserError(Exception):
         if self.fix:
             text += f"; {self.fix.strip()}"
         return f"mlcl: error: {' '.join(text.split())}"
+
+
+class DataError(UserError, ValueError):
+    """Bad content in a data file (corrupt, truncated, malformed, non-binary, NaN, empty split).
+
+    ``where`` is ``file[:line]``; also a ``ValueError`` so callers that caught those keep working.
+    """
+
+    def __init__(self, what: str, path: object, fix: str | None = None, line: int | None = None) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(what, where, fix or "fix or replace the file, or point the config at another one")

@@ -11,13 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runlog, runs, threads, wandb_run
+from mlcl import cli, config, runlog, runs, threads, wandb_run
 from mlcl.checkpoints import checkpoint_weights, load_full_state, read_checkpoint
 from mlcl.metrics import per_class_results
 from mlcl.models.module import MLCLModule
@@ -26,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    config.validate(cfg, task="eval")
     threads.apply_thread_policy(cfg)  # pops trainer.threads (unknown to lightning.Trainer), logs the count
     ckpt = read_checkpoint(cfg.ckpt_path, key="ckpt_path")
     hp = ckpt.get("hyper_parameters") or {}
@@ -88,7 +88,7 @@ def _print(results: dict[str, Any], path: Path) -> None:
     Console().print(f"results: {path}")
 
 
-@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@cli.hydra_main("eval")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     handler = runlog.attach_file_log(out_dir, "eval.log")  # Hydra itself writes no log file

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from mlcl import runlog, runs, threads, wandb_run
+from mlcl import cli, config, runlog, runs, threads, wandb_run
 from mlcl.callbacks import SkipBudget, build_callbacks
 from mlcl.data.datamodule import MultiLabelDataModule
 from mlcl.metrics import per_class_results
@@ -103,6 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     The run directory is checked before anything is written to it (:func:`mlcl.runs.plan_run`): a
     finished run returns its stored results, an interrupted one resumes, a taken one is refused.
     """
+    config.validate(cfg)  # types, ranges, paths, combinations: before anything is built or written
     start = time.time()
     hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.output_dir
     plan = runs.plan_run(Path(hydra_dir), cfg.get("ckpt_path"))
@@ -258,7 +258,7 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
     log.info("results: %s", path)
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@cli.hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
     with wandb_run.job(cfg, "train"):  # one W&B run per job, finished (or marked failed) here
         if cfg.get("stages"):  # a multi-stage method (conf/method/): mlcl.stages runs its stages in this job

@@ -867,7 +867,7 @@ def test_yaml_instantiates(name):
     assert type(plugin) is get_loss_class(name)
     # every hyper-parameter in the YAML is a constructor keyword with the same default and a comment
     text = path.read_text().splitlines()
-    defaults = type(plugin).__init__.__kwdefaults__
+    defaults = type(plugin).hyperparam_defaults()
     for key, value in cfg.items():
         if key == "_target_":
             continue

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mlcl.data import missing as missing_lib
+from mlcl.errors import DataError
 from mlcl.rng import EpochShuffleSampler
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,10 @@ class MultiLabelDataModule(L.LightningDataModule):
             return
         raw = {s: self.source(split=s) for s in ("train", "val", "test")}
         train = raw["train"]
+        for name, split in raw.items():
+            if len(split) == 0:
+                where = getattr(split, "path", None) or f"data.source ({type(split).__name__})"
+                raise DataError(f"the {name} split is empty", where, "check the data files and data.source.*")
         sizes = {s: d.targets.shape[1] for s, d in raw.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"splits disagree on the number of classes: {sizes}")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mlcl import distributed
+from mlcl.config.params import Param, check_all
 
 LOSSES: dict[str, type[LossPlugin]] = {}
 
@@ -90,6 +91,14 @@ class LossPlugin(nn.Module):
     num_views: ClassVar[int] = 1
     #: head keyword arguments used unless the YAML's ``head_kwargs`` overrides them
     default_head_kwargs: ClassVar[dict[str, Any]] = {}
+    #: the plugin's hyper-parameters (name -> Param: type, range, default), declared once: read by
+    #: :meth:`set_hyperparams` and by :func:`mlcl.config.validate` before anything is built
+    hyperparams: ClassVar[dict[str, Param]] = {}
+    #: the same for the keys of ``head_kwargs`` (checked by the validator; the head checks its own)
+    head_hyperparams: ClassVar[dict[str, Param]] = {}
+    #: the base constructor takes the hyper-parameters as keywords (checked, stored as attributes);
+    #: plugins with their own explicit constructor leave this off
+    hyperparams_as_keywords: ClassVar[bool] = False
 
     @classmethod
     def build_head(
@@ -109,6 +118,7 @@ class LossPlugin(nn.Module):
         num_samples: int = 0,
         head_kwargs: dict[str, Any] | None = None,
         gather: bool = False,
+        **hyperparams: Any,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
@@ -118,6 +128,31 @@ class LossPlugin(nn.Module):
         self.head_kwargs = {**self.default_head_kwargs, **dict(head_kwargs or {})}
         #: all-gather (with gradients) across DDP ranks before batch-coupled terms
         self.gather = bool(gather)
+        if self.hyperparams_as_keywords:
+            self.set_hyperparams(hyperparams)
+        elif hyperparams:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(hyperparams)}"
+            )
+
+    @classmethod
+    def hyperparam_defaults(cls) -> dict[str, Any]:
+        """Default of every hyper-parameter: from :attr:`hyperparams`, else the constructor's keywords."""
+        if cls.hyperparams:
+            return {k: p.default for k, p in cls.hyperparams.items()}
+        base = {"num_classes", "feature_dim", "num_samples", "head_kwargs", "gather"}
+        return {k: v for k, v in (cls.__init__.__kwdefaults__ or {}).items() if k not in base}
+
+    def set_hyperparams(self, given: dict[str, Any]) -> None:
+        """Check ``given`` against :attr:`hyperparams` (defaults filled in) and store each as an attribute."""
+        unknown = sorted(set(given) - set(self.hyperparams))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(unknown)}; "
+                f"its hyper-parameters: {', '.join(self.hyperparams) or 'none'}"
+            )
+        for key, value in check_all(self.hyperparams, given, "loss").items():
+            setattr(self, key, value)
 
     # ------------------------------------------------------------------ hooks
     def forward(  # noqa: D401

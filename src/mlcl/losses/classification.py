@@ -6,8 +6,11 @@ Pure functions (one per method) plus their ``LossPlugin`` adapters:
   reduction over all entries, ``unknown`` = how ``-1`` targets are treated.
 * :func:`hill_loss`, :func:`splc_loss` (robust-loss-mlml).
 * :func:`large_loss` (LL-R / LL-Ct) and :func:`large_loss_correction_mask` (LL-Cp helper).
-* Single-positive baselines on probabilities with the ``-log(z + eps)`` convention:
-  :func:`an_loss`, :func:`wan_loss`, :func:`epr_loss`, :func:`role_loss` (mean over all ``B*C``).
+* Single-positive baselines :func:`an_loss`, :func:`wan_loss`, :func:`epr_loss`, :func:`role_loss`
+  (defined in :mod:`mlcl.losses.spml`, re-exported here).
+
+Each plugin declares its hyper-parameters once, as ``hyperparams`` (types, ranges, defaults): the
+constructor checks and stores them and :func:`mlcl.config.validate` checks a config against them.
 
 Targets are ``[B, C]`` in ``{1, 0, -1}`` (``-1`` = unobserved) of any integer or floating dtype.
 Every function returns a dict of 0-dim tensors in the logits' dtype whose per-term keys sum to
@@ -21,9 +24,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from mlcl.losses.base import LossContext, LossPlugin, register_loss
+from mlcl.config.params import Bool, Choice, Float, Int
+from mlcl.losses.base import LossContext, register_loss
+from mlcl.losses.logit_utils import REDUCTIONS as _REDUCTIONS
+from mlcl.losses.logit_utils import UNKNOWN as _UNKNOWN
+from mlcl.losses.logit_utils import LogitsPlugin
+from mlcl.losses.logit_utils import check_choice as _check
+from mlcl.losses.logit_utils import divisor as _divisor
+from mlcl.losses.logit_utils import out as _out
+from mlcl.losses.logit_utils import split_sums as _split_sums
+from mlcl.losses.logit_utils import working as _working
+from mlcl.losses.spml import AN, EPR, ROLE, WAN, an_loss, epr_loss, role_loss, wan_loss
 
 __all__ = [
     "AN",
@@ -48,41 +61,6 @@ __all__ = [
     "splc_loss",
     "wan_loss",
 ]
-
-_REDUCTIONS = ("sum", "mean")
-_UNKNOWN = ("negative", "ignore")
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _working(logits: Tensor) -> Tensor:
-    """Logits in a dtype accurate enough for log/sigmoid terms (half precision -> float32)."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-
-
-def _out(dtype: torch.dtype, **terms: Tensor) -> dict[str, Tensor]:
-    return {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in terms.items()}
-
-
-def _split_sums(ell: Tensor, first: Tensor, second: Tensor) -> Tensor:
-    """``[first . ell, second . ell]`` for constant ``[B, C]`` weights: both partial sums in one
-    matrix-vector product (one autograd node instead of two masked reductions)."""
-    weights = torch.stack((first, second)).reshape(2, -1)
-    return weights @ ell.reshape(-1)
-
-
-def _divisor(reduction: str, count: Tensor | int) -> Tensor | float:
-    if reduction == "sum":
-        return 1.0
-    if isinstance(count, Tensor):
-        return count.clamp(min=1)
-    return float(max(count, 1))
 
 
 # ------------------------------------------------------------------------------------ ASL family
@@ -366,367 +344,92 @@ def large_loss_correction_mask(logits: Tensor, targets: Tensor, *, rejection_rat
     return unk & (u > theta)
 
 
-# -------------------------------------------------------------------------- AN / WAN / EPR / ROLE
-def _nl_observed(x: Tensor, pos: Tensor, eps: float) -> Tensor:
-    """``-log(p + eps)`` on positives and ``-log(1 - p + eps)`` elsewhere, ``p = sigmoid(x)``."""
-    return -(torch.sigmoid(x * (2.0 * pos.to(x.dtype) - 1.0)) + eps).log()
-
-
-def _positive_regulariser(p: Tensor, expected_num_pos: float) -> Tensor:
-    """``((1/B) sum_bc p - k)^2 / C^2`` (SPML's squared expected-positive regulariser)."""
-    b, c = p.shape
-    return (p.sum() / b - expected_num_pos).square() / (c * c)
-
-
-def an_loss(logits: Tensor, targets: Tensor, *, eps: float = 1e-5) -> dict[str, Tensor]:
-    """Assume-negative loss (§2.5): ``-log(p+eps)`` on positives, ``-log(1-p+eps)`` on every other
-    entry (``0`` and ``-1``); mean over all ``B*C``. Returns ``loss``, ``loss_pos``, ``loss_neg``."""
-    x = _working(logits)
-    pos = targets == 1
-    tp = pos.to(x.dtype)
-    ell = _nl_observed(x, pos, eps)
-    scale = 1.0 / x.numel()
-    parts = _split_sums(ell, tp * scale, (1.0 - tp) * scale)
-    return _out(logits.dtype, loss=parts.sum(), loss_pos=parts[0], loss_neg=parts[1])
-
-
-def wan_loss(
-    logits: Tensor, targets: Tensor, *, eps: float = 1e-5, neg_weight: float | None = None
-) -> dict[str, Tensor]:
-    """Weak assume-negative loss (§2.5): as :func:`an_loss` but unobserved (``-1``) entries are
-    weighted by ``neg_weight`` (``None`` -> ``1/(C-1)``); observed negatives keep weight 1."""
-    x = _working(logits)
-    num_classes = x.shape[1]
-    if neg_weight is None:
-        if num_classes < 2:
-            raise ValueError("wan_loss needs C >= 2 when neg_weight is None (gamma = 1/(C-1))")
-        neg_weight = 1.0 / (num_classes - 1)
-    pos = targets == 1
-    tp = pos.to(x.dtype)
-    unk = (targets == -1).to(x.dtype)
-    ell = _nl_observed(x, pos, eps)
-    scale = 1.0 / x.numel()
-    w_neg = (1.0 - tp - unk) + neg_weight * unk
-    parts = _split_sums(ell, tp * scale, w_neg * scale)
-    return _out(logits.dtype, loss=parts.sum(), loss_pos=parts[0], loss_neg=parts[1])
-
-
-def epr_loss(
-    logits: Tensor, targets: Tensor, *, expected_num_pos: float, eps: float = 1e-5
-) -> dict[str, Tensor]:
-    """Expected-positive regulariser loss (§2.6): observed terms (unknowns contribute nothing)
-    divided by ``B*C`` plus ``((1/B) sum p - expected_num_pos)^2 / C^2``.
-    Returns ``loss``, ``loss_pos``, ``loss_neg``, ``loss_reg``."""
-    x = _working(logits)
-    pos = targets == 1
-    tp = pos.to(x.dtype)
-    tn = (targets == 0).to(x.dtype)
-    ell = _nl_observed(x, pos, eps)
-    scale = 1.0 / x.numel()
-    parts = _split_sums(ell, tp * scale, tn * scale)
-    reg = _positive_regulariser(torch.sigmoid(x), expected_num_pos)
-    return _out(logits.dtype, loss=parts.sum() + reg, loss_pos=parts[0], loss_neg=parts[1], loss_reg=reg)
-
-
-def role_loss(
-    logits: Tensor, targets: Tensor, estimates: Tensor, *, expected_num_pos: float, eps: float = 1e-5
-) -> dict[str, Tensor]:
-    """Regularised online label estimation (§2.7).
-
-    ``estimates`` ``[B, C]`` are the label estimates ``g = sigmoid(Theta[ids])`` in (0, 1). The
-    classifier ``p`` learns from observed positives and the detached ``g``; the estimator ``g``
-    from observed positives and the detached ``p``; observed negatives pull both down; both get
-    the expected-positive regulariser. Returns ``loss``, ``loss_pos``, ``loss_cross``,
-    ``loss_neg``, ``loss_reg`` (all normalised as in the total).
-    """
-    x = _working(logits)
-    g = estimates if estimates.dtype == x.dtype else estimates.to(x.dtype)
-    if g.shape != x.shape:
-        raise ValueError(f"estimates {tuple(g.shape)} must match logits {tuple(x.shape)}")
-    p = torch.sigmoid(x)
-    nl_p = -(p + eps).log()
-    nl_not_p = -(1.0 - p + eps).log()
-    nl_g = -(g + eps).log()
-    nl_not_g = -(1.0 - g + eps).log()
-    p_sg = p.detach()
-    g_sg = g.detach()
-    half = 0.5 / x.numel()
-    tp = (targets == 1).to(x.dtype) * half
-    tn = (targets == 0).to(x.dtype) * half
-    loss_pos = (tp * (nl_p + nl_g)).sum()
-    cross = g_sg * nl_p + (1.0 - g_sg) * nl_not_p + p_sg * nl_g + (1.0 - p_sg) * nl_not_g
-    loss_cross = cross.sum() * half
-    loss_neg = (tn * (nl_not_p + nl_not_g)).sum()
-    loss_reg = 0.5 * (_positive_regulariser(p, expected_num_pos) + _positive_regulariser(g, expected_num_pos))
-    return _out(
-        logits.dtype,
-        loss=loss_pos + loss_cross + loss_neg + loss_reg,
-        loss_pos=loss_pos,
-        loss_cross=loss_cross,
-        loss_neg=loss_neg,
-        loss_reg=loss_reg,
-    )
-
-
 # ---------------------------------------------------------------------------------------- plugins
-def _rows_targets(targets: Tensor, num_rows: int) -> Tensor:
-    """Targets for every row of a view-major batch (given per row, or once per sample)."""
-    if targets.shape[0] == num_rows:
-        return targets
-    if targets.shape[0] > 0 and num_rows % targets.shape[0] == 0:
-        return targets.repeat(num_rows // targets.shape[0], 1)
-    raise ValueError(f"targets have {targets.shape[0]} rows, logits {num_rows}")
-
-
-class _LogitsPlugin(LossPlugin):
-    """Base of the logit-only baselines: linear head, every row of every view is a sample."""
-
-    head = "linear"
-
-    def _logits_targets(self, outputs: dict[str, Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
-        logits = outputs["logits"]
-        targets = _rows_targets(targets, logits.shape[0])
-        logits, targets = self.all_gather(logits, targets)
-        return logits, targets
+# hyper-parameters shared by several plugins (declared once; ranges checked on construction and by
+# mlcl.config.validate before anything is built)
+_REDUCTION = Choice("sum", *_REDUCTIONS, doc="sum over all B*C entries (reference) or mean")
+_UNKNOWN_P = Choice("negative", *_UNKNOWN, doc="-1 targets: treated as 0, or dropped")
+_GAMMA = Float(2.0, ge=0, doc="focusing exponent")
+_LOG_EPS = Float(1e-8, gt=0, lt=1, doc="clamp of the probabilities inside the log")
+_MARGIN = Float(1.0, ge=0, doc="logit margin of the positive term")
+_DETACH = Bool(True, doc="focal weight treated as a constant")
 
 
 @register_loss("bce")
-class BCE(_LogitsPlugin):
+class BCE(LogitsPlugin):
     """Binary cross-entropy (sum over entries by default, as in the ASL-family references)."""
 
-    unknown_policy = "treated as negative (unknown='negative', default) or ignored (unknown='ignore')"
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        reduction: str = "sum",
-        unknown: str = "negative",
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        _check("reduction", reduction, _REDUCTIONS)
-        _check("unknown", unknown, _UNKNOWN)
-        self.reduction = reduction
-        self.unknown = unknown
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return bce_loss(logits, targets, reduction=self.reduction, unknown=self.unknown)
+    hyperparams = {"reduction": _REDUCTION, "unknown": _UNKNOWN_P}
+    loss_fn = staticmethod(bce_loss)
 
 
 @register_loss("focal")
-class Focal(_LogitsPlugin):
+class Focal(LogitsPlugin):
     """Focal loss (no alpha balancing), detached modulating factor by default."""
 
-    unknown_policy = "treated as negative (unknown='negative', default) or ignored (unknown='ignore')"
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        gamma: float = 2.0,
-        eps: float = 1e-8,
-        reduction: str = "sum",
-        unknown: str = "negative",
-        detach_focal_weight: bool = True,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        _check("reduction", reduction, _REDUCTIONS)
-        _check("unknown", unknown, _UNKNOWN)
-        self.gamma = float(gamma)
-        self.eps = float(eps)
-        self.reduction = reduction
-        self.unknown = unknown
-        self.detach_focal_weight = bool(detach_focal_weight)
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return focal_loss(
-            logits,
-            targets,
-            gamma=self.gamma,
-            eps=self.eps,
-            reduction=self.reduction,
-            unknown=self.unknown,
-            detach_focal_weight=self.detach_focal_weight,
-        )
+    hyperparams = {
+        "gamma": _GAMMA,
+        "eps": _LOG_EPS,
+        "reduction": _REDUCTION,
+        "unknown": _UNKNOWN_P,
+        "detach_focal_weight": _DETACH,
+    }
+    loss_fn = staticmethod(focal_loss)
 
 
 @register_loss("asl")
-class ASL(_LogitsPlugin):
+class ASL(LogitsPlugin):
     """Asymmetric loss (published setting gamma_pos=0, gamma_neg=4, clip=0.05)."""
 
-    unknown_policy = "treated as negative (unknown='negative', default) or ignored (unknown='ignore')"
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        gamma_pos: float = 0.0,
-        gamma_neg: float = 4.0,
-        clip: float = 0.05,
-        eps: float = 1e-8,
-        reduction: str = "sum",
-        unknown: str = "negative",
-        detach_focal_weight: bool = True,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        _check("reduction", reduction, _REDUCTIONS)
-        _check("unknown", unknown, _UNKNOWN)
-        self.gamma_pos = float(gamma_pos)
-        self.gamma_neg = float(gamma_neg)
-        self.clip = float(clip)
-        self.eps = float(eps)
-        self.reduction = reduction
-        self.unknown = unknown
-        self.detach_focal_weight = bool(detach_focal_weight)
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return asymmetric_loss(
-            logits,
-            targets,
-            gamma_pos=self.gamma_pos,
-            gamma_neg=self.gamma_neg,
-            clip=self.clip,
-            eps=self.eps,
-            reduction=self.reduction,
-            unknown=self.unknown,
-            detach_focal_weight=self.detach_focal_weight,
-        )
+    hyperparams = {
+        "gamma_pos": Float(0.0, ge=0, doc="focusing exponent on positives"),
+        "gamma_neg": Float(4.0, ge=0, doc="focusing exponent on negatives"),
+        "clip": Float(0.05, ge=0, lt=1, doc="probability margin of the negatives"),
+        "eps": _LOG_EPS,
+        "reduction": _REDUCTION,
+        "unknown": _UNKNOWN_P,
+        "detach_focal_weight": _DETACH,
+    }
+    loss_fn = staticmethod(asymmetric_loss)
 
 
 @register_loss("hill")
-class Hill(_LogitsPlugin):
+class Hill(LogitsPlugin):
     """Hill loss: focal-margin positives, hill-shaped negative term ``(lamb - p) p^2``."""
 
-    unknown_policy = "treated as negative (unknown='negative', default) or ignored (unknown='ignore')"
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        lamb: float = 1.5,
-        margin: float = 1.0,
-        gamma: float = 2.0,
-        reduction: str = "sum",
-        unknown: str = "negative",
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        _check("reduction", reduction, _REDUCTIONS)
-        _check("unknown", unknown, _UNKNOWN)
-        self.lamb = float(lamb)
-        self.margin = float(margin)
-        self.gamma = float(gamma)
-        self.reduction = reduction
-        self.unknown = unknown
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return hill_loss(
-            logits,
-            targets,
-            lamb=self.lamb,
-            margin=self.margin,
-            gamma=self.gamma,
-            reduction=self.reduction,
-            unknown=self.unknown,
-        )
+    hyperparams = {
+        "lamb": Float(1.5, gt=0, doc="lambda of the negative term"),
+        "margin": _MARGIN,
+        "gamma": _GAMMA,
+        "reduction": _REDUCTION,
+        "unknown": _UNKNOWN_P,
+    }
+    loss_fn = staticmethod(hill_loss)
 
 
 @register_loss("splc")
-class SPLC(_LogitsPlugin):
+class SPLC(LogitsPlugin):
     """Self-paced loss correction; uses ``ctx.epoch`` (0-based) for the correction start."""
 
     unknown_policy = (
         "treated as negative; from change_epoch on, any non-positive entry with sigmoid > tau is "
         "used as a positive"
     )
+    hyperparams = {
+        "tau": Float(0.6, ge=0, le=1, doc="correction threshold on sigmoid(x)"),
+        "change_epoch": Int(1, ge=0, doc="0-based epoch the correction starts"),
+        "margin": _MARGIN,
+        "gamma": _GAMMA,
+        "reduction": _REDUCTION,
+    }
+    loss_fn = staticmethod(splc_loss)
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        tau: float = 0.6,
-        change_epoch: int = 1,
-        margin: float = 1.0,
-        gamma: float = 2.0,
-        reduction: str = "sum",
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        _check("reduction", reduction, _REDUCTIONS)
-        self.tau = float(tau)
-        self.change_epoch = int(change_epoch)
-        self.margin = float(margin)
-        self.gamma = float(gamma)
-        self.reduction = reduction
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return splc_loss(
-            logits,
-            targets,
-            epoch=int(ctx.epoch),
-            tau=self.tau,
-            change_epoch=self.change_epoch,
-            margin=self.margin,
-            gamma=self.gamma,
-            reduction=self.reduction,
-        )
+    def loss_kwargs(self, ctx: LossContext) -> dict[str, Any]:
+        return {**super().loss_kwargs(ctx), "epoch": int(ctx.epoch)}
 
 
 @register_loss("large_loss")
-class LargeLoss(_LogitsPlugin):
+class LargeLoss(LogitsPlugin):
     """Large-loss rejection (``mode="reject"``, LL-R) or correction (``"correct"``, LL-Ct).
 
     The rejection rate follows the reference schedule ``r = (epoch_1based - 1) * delta_rel / 100``
@@ -737,220 +440,15 @@ class LargeLoss(_LogitsPlugin):
         "treated as negative, except the unobserved entries with the largest losses, which are "
         "rejected (LL-R) or flipped to positive (LL-Ct)"
     )
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        mode: str = "reject",
-        delta_rel: float = 0.2,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        _check("mode", mode, ("reject", "correct"))
-        self.mode = mode
-        self.delta_rel = float(delta_rel)
+    hyperparams = {
+        "mode": Choice("reject", "reject", "correct", doc="LL-R (reject) or LL-Ct (correct)"),
+        "delta_rel": Float(0.2, ge=0, lt=100, doc="rejection-rate growth in percent per epoch"),
+    }
+    loss_fn = staticmethod(large_loss)
 
     def rejection_rate(self, epoch: int) -> float:
         """``r`` for a 0-based epoch index (``epoch * delta_rel / 100``)."""
         return max(int(epoch), 0) * self.delta_rel / 100.0
 
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return large_loss(logits, targets, rejection_rate=self.rejection_rate(ctx.epoch), mode=self.mode)
-
-
-@register_loss("an")
-class AN(_LogitsPlugin):
-    """Assume-negative loss on probabilities (mean over all entries, ``-log(z + eps)``)."""
-
-    unknown_policy = "treated as negative"
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        eps: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        self.eps = float(eps)
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return an_loss(logits, targets, eps=self.eps)
-
-
-@register_loss("wan")
-class WAN(_LogitsPlugin):
-    """Weak assume-negative loss: unobserved entries are negatives down-weighted by ``neg_weight``."""
-
-    unknown_policy = "treated as negative with weight neg_weight (default 1/(C-1))"
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        eps: float = 1e-5,
-        neg_weight: float | None = None,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        self.eps = float(eps)
-        self.neg_weight = None if neg_weight is None else float(neg_weight)
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return wan_loss(logits, targets, eps=self.eps, neg_weight=self.neg_weight)
-
-
-@register_loss("epr")
-class EPR(_LogitsPlugin):
-    """Observed-label loss plus the expected-positive regulariser (``expected_num_pos`` per image)."""
-
-    unknown_policy = (
-        "ignored by the observed-label terms; only the batch-level positive-count regulariser sees them"
-    )
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        expected_num_pos: float = 2.9,
-        eps: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        self.expected_num_pos = float(expected_num_pos)
-        self.eps = float(eps)
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits, targets = self._logits_targets(outputs, targets)
-        return epr_loss(logits, targets, expected_num_pos=self.expected_num_pos, eps=self.eps)
-
-
-@register_loss("role")
-class ROLE(_LogitsPlugin):
-    """Regularised online label estimation with a learnable per-sample label matrix.
-
-    Owns ``theta`` ``[num_samples, C]`` (estimates ``sigmoid(theta[ids])``), indexed by
-    ``ctx.indices``. Call :meth:`init_estimates` once with the (missing-label-masked) training
-    targets; before that every entry is initialised like an unobserved one. ``theta`` is trained
-    with ``lr_mult`` times the base learning rate and no weight decay (reference: plain Adam).
-    """
-
-    unknown_policy = (
-        "learned: the classifier is trained towards the per-sample label estimates, which are "
-        "trained towards the classifier and the expected positive count"
-    )
-
-    #: initial estimate of observed positives / negatives; unobserved ~ U[-logit(0.6), logit(0.6)]
-    init_pos: float = 0.995
-    init_neg: float = 0.005
-    init_unknown_prob: float = 0.6
-
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        expected_num_pos: float = 2.9,
-        eps: float = 1e-5,
-        lr_mult: float = 10.0,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        if self.num_samples <= 0:
-            raise ValueError("ROLE needs num_samples > 0 (one label-estimate row per training sample)")
-        self.expected_num_pos = float(expected_num_pos)
-        self.eps = float(eps)
-        self.lr_mult = float(lr_mult)
-        self.theta = nn.Parameter(self._unknown_init(self.num_samples, self.num_classes))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-
-    @staticmethod
-    def _logit(p: float) -> float:
-        # the reference clamps probabilities to [1e-5, 1 - 1e-5] before the logit
-        q = min(max(p, 1e-5), 1.0 - 1e-5)
-        return math.log(q / (1.0 - q))
-
-    def _unknown_init(self, n: int, c: int, device: torch.device | None = None) -> Tensor:
-        a = self._logit(self.init_unknown_prob)
-        return (2.0 * torch.rand(n, c, device=device) - 1.0) * a
-
-    @torch.no_grad()
-    def init_estimates(self, targets_all: Tensor) -> None:
-        """Initialise ``theta`` from the training targets ``[N, C]`` in ``{1, 0, -1}``."""
-        if tuple(targets_all.shape) != tuple(self.theta.shape):
-            raise ValueError(f"targets_all {tuple(targets_all.shape)} != theta {tuple(self.theta.shape)}")
-        t = targets_all.to(self.theta.device)
-        theta = self._unknown_init(*self.theta.shape, device=self.theta.device).to(self.theta.dtype)
-        theta = torch.where(t == 1, self._logit(self.init_pos), theta)
-        theta = torch.where(t == 0, self._logit(self.init_neg), theta)
-        self.theta.copy_(theta)
-        self.initialised.fill_(True)
-
-    def estimates(self, indices: Tensor | None = None) -> Tensor:
-        """Label estimates ``sigmoid(theta)`` of the given rows (all rows when ``None``)."""
-        theta = self.theta if indices is None else self.theta[indices.to(self.theta.device)]
-        return torch.sigmoid(theta)
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.theta], "lr_mult": self.lr_mult, "weight_decay": 0.0}]
-
-    def on_train_targets(self, targets: Tensor) -> None:
-        """The training module hands over the (masked) training targets once: initialise Θ."""
-        self.init_estimates(targets)
-
-    def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
-        logits = outputs["logits"]
-        targets = _rows_targets(targets, logits.shape[0])
-        est = self.estimates(ctx.indices)
-        if est.shape != logits.shape:
-            raise ValueError(f"ctx.indices select {est.shape[0]} rows, logits have {logits.shape[0]}")
-        logits, targets, est = self.all_gather(logits, targets, est)
-        return role_loss(logits, targets, est, expected_num_pos=self.expected_num_pos, eps=self.eps)
+    def loss_kwargs(self, ctx: LossContext) -> dict[str, Any]:
+        return {"rejection_rate": self.rejection_rate(ctx.epoch), "mode": self.mode}

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from mlcl.config.params import Dict, Float, Int, Str
 from mlcl.losses.base import LossContext, LossPlugin, get_loss_class, register_loss
 
 __all__ = ["CLML", "clml_loss", "correct_labels", "plugin_hooks"]
@@ -258,6 +259,17 @@ class CLML(LossPlugin):
         "identical to 0: the base loss gets the base plugin's own policy (default: negative, as in the "
         "reference) and CLML leaves -1 rows out of that label's group unless the correction promotes them"
     )
+
+    #: hyper-parameters declared once (types, ranges, defaults; mlcl.config.validate reads them)
+    hyperparams = {
+        "lambda_": Float(1.0, ge=0),
+        "tau": Float(0.75, ge=0, le=1),
+        "change_epoch": Int(1, ge=0),
+        "delta": Float(1.0, ge=0),
+        "eig_thd": Float(1e-6, ge=0),
+        "base_loss": Str("bce"),
+        "base_kwargs": Dict(None, nullable=True),
+    }
 
     def __init__(
         self,

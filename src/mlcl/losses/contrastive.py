@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlcl.config.params import Choice, Float, Int, List
 from mlcl.losses.base import LossContext, LossPlugin, register_loss
 
 __all__ = [
@@ -228,6 +229,14 @@ class _ProjectedContrastive(LossPlugin):
         return {"loss": cls_term + con_term, "loss_cls": cls_term, "loss_con": con_term}
 
 
+#: hyper-parameters of the joint objective cls_weight * BCE + con_weight * contrastive (both plugins)
+_JOINT = {
+    "cls_weight": Float(1.0, ge=0),
+    "con_weight": Float(1.0, ge=0),
+    "classify_views": Choice("first", "first", "all"),
+}
+
+
 @register_loss("supcon")
 class SupCon(_ProjectedContrastive):
     """SupCon / SimCLR on projected views, optionally joint with BCE (spec 3.1).
@@ -237,6 +246,18 @@ class SupCon(_ProjectedContrastive):
     """
 
     num_views = 2
+
+    #: hyper-parameters declared once (types, ranges, defaults; mlcl.config.validate reads them)
+    hyperparams = {
+        "temperature": Float(0.07, gt=0),
+        "base_temperature": Float(0.07, gt=0),
+        "contrast_mode": Choice("all", "all", "one"),
+        "positive_rule": Choice("exact", "exact", "any", "simclr"),
+        "proj_dims": List(None, item="int", ge=1, nullable=True),
+        "proj_norm": Choice("none", "none", "bn"),
+        "proj_dropout": Float(0.0, ge=0, lt=1),
+        **_JOINT,
+    }
 
     def __init__(
         self,
@@ -320,6 +341,18 @@ class MulSupCon(_ProjectedContrastive):
     """
 
     num_views = 2
+
+    #: hyper-parameters declared once (types, ranges, defaults; mlcl.config.validate reads them)
+    hyperparams = {
+        "temperature": Float(0.1, gt=0),
+        "weighting": Choice("mean", "mean", "per_sample"),
+        "queue_size": Int(256, ge=0),
+        "momentum": Float(0.999, ge=0, le=1),
+        "proj_dims": List(None, item="int", ge=1, nullable=True),
+        "proj_norm": Choice("bn", "bn", "none"),
+        "proj_dropout": Float(0.1, ge=0, lt=1),
+        **_JOINT,
+    }
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mlcl.config.params import Bool, Choice, Float, Int
 from mlcl.losses.base import LossContext, LossPlugin, register_loss
 
 __all__ = ["KMCL", "kmcl_loss"]
@@ -433,6 +434,35 @@ class KMCL(LossPlugin):
         "embed_dim": 128,
         "loss_case": "anisotropic",
         "var_mode": "per_class",
+    }
+
+    #: hyper-parameters declared once (types, ranges, defaults; mlcl.config.validate reads them)
+    hyperparams = {
+        "loss_case": Choice("anisotropic", "anisotropic", "isotropic"),
+        "gamma_neg": Float(4.0, ge=0),
+        "gamma_pos": Float(0.0, ge=0),
+        "clip": Float(0.05, ge=0, lt=1),
+        "eps": Float(1e-7, gt=0, lt=1),
+        "temperature": Float(0.17, gt=0),
+        "detach_focal_weight": Bool(True),
+        "loss_opt": Choice("all", "all", "asl_only"),
+        "unknown": Choice("negative", "negative", "ignore"),
+        "aniso_dim_scale": Bool(True),
+        "sd_eps": Float(1.4901161193847656e-08, gt=0),
+        "gauss_floor": Float(1.17549e-38, ge=0),
+        "log_eps": Float(1e-7, gt=0),
+        "asl_weight": Float(1.0, ge=0),
+        "rec_weight": Float(1.0, ge=0),
+        "kmcl_weight": Float(1.0, ge=0),
+        "impl": Choice("fast", "fast", "dense"),
+        "chunk_size": Int(None, ge=1, nullable=True),
+    }
+    head_hyperparams = {
+        "embed_dim": Int(128, ge=1, nullable=True),
+        "loss_case": Choice("anisotropic", "anisotropic", "isotropic"),
+        "var_mode": Choice("per_class", "per_class", "shared_dim", "shared_scalar"),
+        "var_offset": Float(2.0000001000000003, gt=0),
+        "init": Choice("reference", "reference", "default"),
     }
 
     def __init__(

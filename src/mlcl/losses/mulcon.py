@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlcl import distributed
+from mlcl.config.params import Bool, Float, Int
 from mlcl.losses.base import LossContext, LossPlugin, register_loss
 from mlcl.models.heads.label_attention import ProjectionHead
 
@@ -327,6 +328,25 @@ class MulCon(LossPlugin):
         "num_pixel_blocks": 2,
         "num_label_blocks": 1,
         "layer_norm": True,
+    }
+
+    #: hyper-parameters declared once (types, ranges, defaults; mlcl.config.validate reads them)
+    hyperparams = {
+        "temperature": Float(0.2, gt=0),
+        "base_temperature": Float(0.2, gt=0),
+        "bce_weight": Float(1.0, ge=0),
+        "con_weight": Float(0.5, ge=0),
+        "denominator_size": Int(0, ge=0),
+        "proj_dim": Int(128, ge=1),
+        "proj_hidden": Int(1024, ge=1),
+        "chunk_size": Int(None, ge=1, nullable=True),
+    }
+    head_hyperparams = {
+        "embed_dim": Int(1024, ge=1),
+        "num_heads": Int(4, ge=1),
+        "num_pixel_blocks": Int(2, ge=0),
+        "num_label_blocks": Int(1, ge=0),
+        "layer_norm": Bool(True),
     }
 
     def __init__(

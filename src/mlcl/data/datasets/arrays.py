@@ -19,6 +19,8 @@ share one cached load, so the files are read and the scaler fitted once per proc
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mlcl.data.datasets.images import SPLITS, check_split, fraction_split, require_path
+from mlcl.errors import DataError
 
 NPZ_SUFFIXES = (".npz",)
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
@@ -73,7 +76,11 @@ def read_arrays(path: Path, keys: dict[str, tuple[str, str]]) -> dict[str, np.nd
         return ValueError(f"{path}: no array {key!r} (arrays present: {_list_keys(path)}); set {cfg}")
 
     if suffix in NPZ_SUFFIXES:
-        with np.load(path, allow_pickle=False) as z:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(f"cannot read as .npz (corrupt or truncated: {err})", path) from err
+        with z:
             for name, (key, cfg) in keys.items():
                 if key not in z.files:
                     raise missing(key, cfg)
@@ -81,13 +88,15 @@ def read_arrays(path: Path, keys: dict[str, tuple[str, str]]) -> dict[str, np.nd
                     out[name] = z[key]
                 except ValueError as err:  # object arrays need pickle, which stays off
                     raise ValueError(f"{path}: array {key!r} cannot be read without pickle ({err})") from err
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                    raise DataError(f"array {key!r} is corrupt or truncated ({err})", path) from err
     elif suffix in HDF5_SUFFIXES:
         import h5py
 
         try:
             f = h5py.File(path, "r")
         except OSError as err:
-            raise ValueError(f"{path}: cannot open as HDF5 ({err})") from err
+            raise DataError(f"cannot open as HDF5 (corrupt or truncated: {err})", path) from err
         with f:
             for name, (key, cfg) in keys.items():
                 obj = f.get(key)
@@ -225,7 +234,10 @@ def load_splits(
                 if empty:
                     raise ValueError(f"{path}: split key {split_key!r} has no rows for {empty}")
             else:
-                parts = fraction_split(x.shape[0], fractions, seed)
+                try:
+                    parts = fraction_split(x.shape[0], fractions, seed)
+                except ValueError as err:
+                    raise DataError(str(err), path, "use more rows or other data.source.fractions") from err
             for s, idx in parts.items():
                 feats[s], targs[s], rows[s] = x[idx], y[idx], idx
                 origin[s] = origin[""]
@@ -243,6 +255,9 @@ def load_splits(
                 f"inconsistent numbers of classes: {widths['train'][1]} in {p0} ({tk0!r}, train) "
                 f"but {widths[s][1]} in {p1} ({tk1!r}, {s})"
             )
+    for s in SPLITS:
+        if feats[s].shape[0] == 0:
+            raise DataError(f"the {s} split has no rows", origin[s][0], "give every split at least one row")
     num_classes = widths["train"][1]
     mean = scale = None
     if standardize:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from mlcl.data.datasets.images import ImageListSource, check_split, holdout_split, require_path
+from mlcl.errors import DataError
 
 YEARS = (2014, 2017)
 
@@ -46,9 +48,18 @@ def _read_instances(ann_file: str, mtime_ns: int, include_unannotated: bool) -> 
     ``val`` and ``test`` splits do not parse the same file twice."""
     from pycocotools.coco import COCO
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
-        coco = COCO(ann_file)
-    cat_ids = sorted(coco.getCatIds())
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+            coco = COCO(ann_file)
+        cat_ids = sorted(coco.getCatIds())
+    except json.JSONDecodeError as err:
+        raise DataError(f"malformed COCO annotation JSON: {err.msg}", ann_file, line=err.lineno) from err
+    except (KeyError, TypeError, AttributeError) as err:  # valid JSON, not the instances layout
+        raise DataError(
+            f"not a COCO instances file (no {err} entry where expected)",
+            ann_file,
+            "use the official annotations/instances_<split><year>.json",
+        ) from err
     col = {cid: k for k, cid in enumerate(cat_ids)}
     class_names = [coco.loadCats(cid)[0]["name"] for cid in cat_ids]
     img_ids = sorted(coco.getImgIds())
