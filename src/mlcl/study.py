@@ -37,6 +37,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from mlcl import cli
 from mlcl.errors import UserError
 
 STUDY_DIR = Path(__file__).resolve().parent / "conf" / "study"
@@ -286,6 +287,7 @@ def run_study(
     return path
 
 
+@cli.guard
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (``mlcl-study``, ``python -m mlcl.study``)."""
     ap = argparse.ArgumentParser(prog="mlcl-study", description=__doc__.split("\n\n")[0])
@@ -295,11 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the multirun commands, run nothing")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every job (e.g. hydra/launcher=local)")
     args = ap.parse_intermixed_args(argv)
-    try:
-        run_study(args.study, args.out, args.overrides, args.report_only, args.dry_run)
-    except UserError as err:
-        print(err.paragraph(), file=sys.stderr)
-        return err.exit_code
+    run_study(args.study, args.out, args.overrides, args.report_only, args.dry_run)
     return 0
 
 

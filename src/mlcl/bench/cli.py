@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mlcl import cli
 from mlcl.bench.budget import Budget
 from mlcl.bench.cases import _DTYPES, SCALING_LOSSES, Setup, cases_for, coco_targets
 from mlcl.bench.cli_args import _check_device, _common, _int_list, _loss_list, _nonneg_int, _positive_int
@@ -203,6 +204,7 @@ def _bench_losses(argv: Sequence[str]) -> int:
     return 0
 
 
+@cli.guard
 def main(argv: Sequence[str] | None = None) -> int:
     """``mlcl-bench [options]`` (loss table), ``mlcl-bench train [options]`` (training steps per loss) or
     ``mlcl-bench loop [options]`` (the whole training loop against a bare PyTorch loop)."""
