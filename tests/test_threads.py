@@ -95,6 +95,7 @@ def test_policy_pops_the_key_and_applies_the_count(monkeypatch):
 
 
 def test_auto_policy_uses_the_machine(monkeypatch):
+    monkeypatch.setattr(threads, "USER_OMP", "")
     monkeypatch.setattr(threads, "cores_available", lambda: 16.0)
     monkeypatch.setattr(threads, "other_busy_cores", lambda: 0.0)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -104,6 +105,18 @@ def test_auto_policy_uses_the_machine(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv(threads.ENV_KEY, "5")
     assert threads.decide({"devices": 2}, workers=3)[0] == 5
+
+
+def test_auto_respects_the_user_s_omp_and_ignores_load_when_deterministic(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(threads, "cores_available", lambda: 2.0)
+    monkeypatch.setattr(threads, "other_busy_cores", lambda: 1.0)  # one core busy elsewhere
+    monkeypatch.setattr(threads, "USER_OMP", "")
+    assert threads.decide({"devices": 1}, workers=0)[0] == 1  # load-aware: 2 cores - 1 busy
+    assert threads.decide({"devices": 1, "deterministic": True}, workers=0)[0] == 2  # load ignored
+    monkeypatch.setattr(threads, "USER_OMP", "3")
+    n, why = threads.decide({"devices": 1}, workers=0)
+    assert n == 3 and "OMP_NUM_THREADS=3" in why
 
 
 def test_default_config_is_auto():

@@ -155,6 +155,10 @@ def parse_setting(value: Any) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ applying it
+# OMP_NUM_THREADS as the user set it when this process started (apply_threads overwrites it later)
+USER_OMP = os.environ.get("OMP_NUM_THREADS", "")
+
+
 def apply_threads(n: int) -> None:
     """Set torch's intra-op (and, where still possible, inter-op) threads and OMP/MKL for children."""
     import torch
@@ -176,9 +180,14 @@ def decide(trainer: Mapping[str, Any], workers: int, setting: Any = "auto") -> t
     inherited = os.environ.get(ENV_KEY, "")
     if os.environ.get("LOCAL_RANK", "0") not in ("", "0") and inherited.isdigit() and int(inherited) > 0:
         return int(inherited), f"threads {inherited} (auto, decided by rank 0)"
+    user = USER_OMP.strip()
+    if user.isdigit() and int(user) > 0:  # the user's own choice, made before mlcl started
+        return int(user), f"threads {user} (auto: OMP_NUM_THREADS={user} set in the environment)"
     cores = cores_available()
     ranks = ranks_per_node(trainer)
-    busy = other_busy_cores()
+    # deterministic runs must not depend on the machine's load: the thread count changes reductions,
+    # and a resumed run has to reproduce the interrupted one bit for bit
+    busy = 0.0 if trainer.get("deterministic") else other_busy_cores()
     n = auto_threads(cores, ranks, workers, busy)
     why = (
         f"threads {n} (auto: {cores:g} cores available, {busy:.2f} busy with other processes, "
