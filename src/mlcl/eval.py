@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> None:
         with wandb_run.job(cfg, "eval"):  # only with a W&B logger: mlcl-eval ... +logger=wandb
             evaluate(cfg)
     except BaseException:
-        log.exception("evaluation failed")
+        runlog.log_failure(handler, "evaluation failed")  # the traceback goes to eval.log only
         raise
     finally:
         runlog.detach_file_log(handler)

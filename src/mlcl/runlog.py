@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,18 @@ def detach_file_log(handler: logging.Handler) -> None:
         if handler in lg.handlers:
             lg.removeHandler(handler)
     handler.close()
+
+
+def log_failure(handler: logging.Handler | None, message: str) -> None:
+    """Write ``message`` and the traceback being handled to ``handler``'s file only.
+
+    Not through the logger: Hydra's console handler would print the traceback too, and a user error
+    must end in one paragraph on the console (the wrapper in :mod:`mlcl.cli` prints it).
+    """
+    if handler is None:
+        return
+    record = logging.LogRecord("mlcl", logging.ERROR, __file__, 0, message, None, sys.exc_info())
+    handler.handle(record)
 
 
 def print_config(cfg: DictConfig, console: Any = None) -> None:

@@ -297,7 +297,7 @@ def run_method(cfg: DictConfig) -> dict[str, Any]:
     try:
         return _run_stages(cfg, job_dir, task, name, resume, start)
     except BaseException:
-        log.exception("method %s failed", name)
+        runlog.log_failure(handler, f"method {name} failed")  # the traceback goes to train.log only
         raise
     finally:
         runlog.detach_file_log(handler)

@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         return _run_accepted(cfg, plan, start, leader)
     except BaseException:
-        log.exception("run failed")  # the traceback goes to train.log before any short message
+        runlog.log_failure(handler, "run failed")  # the traceback goes to train.log only
         raise
     finally:
         if handler is not None:

@@ -31,9 +31,13 @@ class SigkillAt(L.Callback):
 class RaiseAt(L.Callback):
     """Raise ``RuntimeError(message)`` at the first training batch with ``global_step >= step``."""
 
-    def __init__(self, step: int, message: str = "injected failure") -> None:
-        self.step, self.message = int(step), message
+    def __init__(self, step: int, message: str = "injected failure", user: bool = False) -> None:
+        self.step, self.message, self.user = int(step), message, bool(user)
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step >= self.step:
+            if self.user:  # a user error (bad data, say) found mid-run
+                from mlcl.errors import UserError
+
+                raise UserError(self.message, "data.path", "fix the file")
             raise RuntimeError(self.message)

@@ -215,6 +215,16 @@ def test_failure_traceback_goes_to_train_log(tmp_path: Path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_user_error_mid_run_is_one_paragraph_and_its_traceback_goes_to_train_log(tmp_path: Path):
+    boom = "+callbacks.boom={_target_:tests.run.killer.RaiseAt,step:2,message:bad-row-9c1e,user:true}"
+    proc = train([*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", boom], check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout  # the console shows the paragraph only
+    assert "mlcl: error: bad-row-9c1e (data.path); fix the file" in proc.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "Traceback (most recent call last)" in log and "bad-row-9c1e" in log
+
+
 def test_debug_runs_write_no_results(tmp_path: Path):
     for i, extra in enumerate((["debug=overfit", "trainer.max_epochs=1"], ["+trainer.fast_dev_run=true"])):
         run_dir = tmp_path / str(i)
