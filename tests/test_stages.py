@@ -362,7 +362,7 @@ def test_missing_stage1_ckpt_names_the_key(tmp_path):
         ["experiment=mulcon_stage2", "data=digits", "backbone=small_cnn", *SMALL, f"hydra.run.dir={run_dir}"]
     )
     assert proc.returncode != 0
-    assert "stage1_ckpt" in proc.stderr and "Missing mandatory value" in proc.stderr
+    assert proc.stderr.startswith("mlcl: error: stage1_ckpt is required but not set (stage1_ckpt)")
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
 
 
@@ -380,7 +380,7 @@ def _run_stage2(tmp_path: Path, ckpt: str, extra: list[str] = ()) -> None:
 
 
 def test_nonexistent_stage1_ckpt(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"stage1_ckpt='/nope/stage1\.ckpt' does not exist"):
+    with pytest.raises(UserError, match=r"file not found: /nope/stage1\.ckpt \(stage1_ckpt\)"):
         _run_stage2(tmp_path, "/nope/stage1.ckpt")
 
 

@@ -42,18 +42,20 @@ def test_batched_read_equals_item_reads():
     y = (torch.rand(10, 4, generator=torch.Generator().manual_seed(0)) < 0.5).long()
     split = LabeledSplit(_Tensors(10), y)
     idx = [7, 2, 2, 9]
-    got = split.__getitems__(idx)
+    raw = split.__getitems__(idx)
+    got = collate(raw)
     want = _item_batch(split, idx)
     assert set(got) == set(want) == {"input", "target", "index"}
+    plain = default_collate(list(raw))  # a DataLoader without mlcl's collate sees the same batch
     for k in want:
         assert torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype, k
-    assert collate(got) is got
+        assert torch.equal(plain[k], want[k]) and plain[k].dtype == want[k].dtype, k
 
 
 def test_per_sample_transform_and_views_in_a_batched_read():
     y = torch.zeros(6, 2, dtype=torch.long)
     split = LabeledSplit(_Tensors(6), y, transform=_AddIndexSum(), num_views=2)
-    got = split.__getitems__([1, 4])
+    got = collate(split.__getitems__([1, 4]))
     want = _item_batch(split, [1, 4])
     assert got["input"].shape == (2, 2, 3)
     assert torch.equal(got["input"], want["input"])
@@ -62,7 +64,7 @@ def test_per_sample_transform_and_views_in_a_batched_read():
 def test_batched_transform_sees_the_batch_and_views_differ():
     torch.manual_seed(0)
     split = LabeledSplit(_Tensors(50), torch.zeros(50, 2, dtype=torch.long), FeatureAugment(0.5), num_views=2)
-    x = split.__getitems__(list(range(50)))["input"]
+    x = collate(split.__getitems__(list(range(50))))["input"]
     base = split.source.x
     kept = x != 0
     assert torch.equal(x[kept], base.unsqueeze(1).expand_as(x)[kept])  # zeroing only, no rescaling

@@ -64,8 +64,8 @@ class LabeledSplit(Dataset):
             return self.transform(x)
         return torch.stack([self.transform(xi) for xi in x])
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """The batch ``indices`` already collated (batched sources), else the items one by one."""
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Tensor]]:
+        """The items ``indices``; for batched sources read in one indexing op (a :class:`ReadBatch`)."""
         if not getattr(self.source, "batched_getitem", False):
             return [self[i] for i in indices]
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -74,12 +74,22 @@ class LabeledSplit(Dataset):
             inp = self._view_batch(x)
         else:
             inp = torch.stack([self._view_batch(x) for _ in range(self.num_views)], dim=1)
-        return {"input": inp, "target": self.targets[idx], "index": idx}
+        return ReadBatch({"input": inp, "target": self.targets[idx], "index": idx})
 
 
-def collate(batch: dict[str, Tensor] | list[Any]) -> Any:
-    """Batches that ``LabeledSplit.__getitems__`` already collated pass through; items are collated."""
-    return batch if isinstance(batch, dict) else default_collate(batch)
+class ReadBatch(list):
+    """A batch read in one go: per-sample views (so any DataLoader's default collation works) plus the
+    collated dict, which :func:`collate` hands on without stacking the samples again."""
+
+    def __init__(self, collated: dict[str, Tensor]) -> None:
+        n = len(collated["index"])
+        super().__init__({k: v[i] for k, v in collated.items()} for i in range(n))
+        self.collated = collated
+
+
+def collate(batch: list[Any]) -> Any:
+    """Batches read in one go (:class:`ReadBatch`) pass through; other items are collated."""
+    return batch.collated if isinstance(batch, ReadBatch) else default_collate(batch)
 
 
 class MultiLabelDataModule(L.LightningDataModule):
