@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, ClassVar
 
@@ -289,11 +288,6 @@ def test_busy_rows_are_retried_and_marked(monkeypatch):
     row = measure._measure_row(case, s, calls=2, warmup=0, memory="none", threads=1, retries=2)
     assert (row.attempts, row.background, row.busy) == (2, 0.05, False)
     assert report._fmt_load(row) == "0.05"
-
-
-def test_background_load_is_a_core_count():
-    load = measure.background_load(measure._cpu_snapshot())
-    assert load is None or 0.0 <= load <= (os.cpu_count() or 1) + 0.5
 
 
 def test_train_rows_left_when_the_budget_is_spent_are_marked(capsys):
