@@ -273,24 +273,9 @@ class CLML(LossPlugin):
 
     hyperparams_as_keywords = True
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        **hyperparams: Any,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-            **hyperparams,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        """``LossPlugin``'s keywords (num_classes, feature_dim, ...) plus the declared hyper-parameters."""
+        super().__init__(**kwargs)  # checks the hyper-parameters and sets them as attributes
         base_cls = get_loss_class(self.base_loss)
         if base_cls.head != "linear" or base_cls.spatial:
             raise ValueError(
@@ -300,9 +285,12 @@ class CLML(LossPlugin):
         self.base_loss_name = self.base_loss
         # gathering the (sum-reduced) base loss too keeps its balance with the gathered CLML term equal to
         # the single-process (reference DataParallel) balance
-        base_kwargs = {"gather": gather, **(self.base_kwargs or {})}
+        base_kwargs = {"gather": self.gather, **(self.base_kwargs or {})}
         self.base = base_cls(
-            num_classes=num_classes, feature_dim=feature_dim, num_samples=num_samples, **base_kwargs
+            num_classes=self.num_classes,
+            feature_dim=self.feature_dim,
+            num_samples=self.num_samples,
+            **base_kwargs,
         )
 
     def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:

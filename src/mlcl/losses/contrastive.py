@@ -182,26 +182,11 @@ class _ProjectedContrastive(LossPlugin):
 
     hyperparams_as_keywords = True
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        **hyperparams: Any,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-            **hyperparams,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        """``LossPlugin``'s keywords (num_classes, feature_dim, ...) plus the declared hyper-parameters."""
+        super().__init__(**kwargs)  # checks the hyper-parameters and sets them as attributes
         dims = self.projector_dims()
-        self.projector = build_projector(feature_dim, dims, self.proj_norm, self.proj_dropout)
+        self.projector = build_projector(self.feature_dim, dims, self.proj_norm, self.proj_dropout)
 
     def projector_dims(self) -> list[int]:
         """Widths of the projector's linear layers: ``proj_dims``, or the reference's when it is null."""
