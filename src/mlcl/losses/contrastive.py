@@ -301,6 +301,7 @@ class MulSupCon(_ProjectedContrastive):
     }
 
     def __init__(self, **kwargs: Any) -> None:
+        """The base keywords and hyper-parameters; then the key projector and the (empty) queue."""
         super().__init__(**kwargs)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.key_backbone: nn.Module | None = None
