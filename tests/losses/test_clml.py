@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
@@ -477,16 +476,12 @@ def test_plugin_with_registered_base_losses(base_loss):
 def test_yaml_lists_every_hyperparameter(stub_base):
     cfg = OmegaConf.load(ROOT / "src" / "mlcl" / "conf" / "loss" / "clml.yaml")
     assert cfg["_target_"] == "mlcl.losses.clml.CLML"
-    params = inspect.signature(CLML.__init__).parameters
-    own = {
-        k: p.default
-        for k, p in params.items()
-        if k not in ("self", "num_classes", "feature_dim", "num_samples")
-    }
+    own = CLML.hyperparam_defaults()
     keys = set(cfg) - {"_target_"}
-    assert keys == set(own) - {"head_kwargs"}
-    for key in keys - {"base_kwargs"}:
+    assert keys == set(own) | {"gather"}
+    for key in own:
         assert cfg[key] == own[key], key
+    assert cfg.gather is False
     from hydra.utils import instantiate
 
     plugin = instantiate(cfg, num_classes=5, feature_dim=16, base_loss=stub_base)

@@ -649,14 +649,14 @@ def test_yaml_config_lists_every_hyperparameter():
     hydra_utils = pytest.importorskip("hydra.utils")
     path = Path(__file__).resolve().parents[2] / "src" / "mlcl" / "conf" / "loss" / "kmcl.yaml"
     cfg = omegaconf.OmegaConf.load(path)
-    sig = inspect.signature(KMCL.__init__)
-    own = {n for n in sig.parameters if n not in ("self", "num_classes", "feature_dim", "num_samples")}
-    assert set(cfg.keys()) - {"_target_"} == own
+    defaults = KMCL.hyperparam_defaults()
+    assert set(cfg.keys()) - {"_target_"} == set(defaults) | {"gather", "head_kwargs"}
     for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith(("#", "_target_")):
             assert "#" in line, f"uncommented key: {line}"
-    for name in own - {"head_kwargs"}:
-        assert cfg[name] == sig.parameters[name].default, name
+    for name, default in defaults.items():
+        assert cfg[name] == default, name
+    assert cfg.gather is False
     plugin = hydra_utils.instantiate(cfg, num_classes=80, feature_dim=128, num_samples=0)
     assert isinstance(plugin, KMCL)
     assert plugin.head_kwargs["loss_case"] == "anisotropic" and plugin.head_kwargs["embed_dim"] == 128

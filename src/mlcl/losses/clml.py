@@ -268,50 +268,29 @@ class CLML(LossPlugin):
         "delta": Float(1.0, ge=0),
         "eig_thd": Float(1e-6, ge=0),
         "base_loss": Str("bce"),
-        "base_kwargs": Dict(None, nullable=True),
+        "base_kwargs": Dict({}, nullable=True),
     }
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        lambda_: float = 1.0,
-        tau: float = 0.75,
-        change_epoch: int = 1,
-        delta: float = 1.0,
-        eig_thd: float = 1e-6,
-        base_loss: str = "bce",
-        base_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        self.lambda_ = float(lambda_)
-        self.tau = float(tau)
-        self.change_epoch = int(change_epoch)
-        self.delta = float(delta)
-        self.eig_thd = float(eig_thd)
-        base_cls = get_loss_class(base_loss)
+    hyperparams_as_keywords = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        """``LossPlugin``'s keywords (num_classes, feature_dim, ...) plus the declared hyper-parameters."""
+        super().__init__(**kwargs)  # checks the hyper-parameters and sets them as attributes
+        base_cls = get_loss_class(self.base_loss)
         if base_cls.head != "linear" or base_cls.spatial:
             raise ValueError(
-                f"CLML needs a base loss on the linear head; {base_loss!r} uses head {base_cls.head!r}"
+                f"CLML needs a base loss on the linear head; {self.base_loss!r} uses head {base_cls.head!r}"
                 + (" (spatial)" if base_cls.spatial else "")
             )
-        self.base_loss_name = base_loss
-        base_kwargs = dict(base_kwargs or {})
+        self.base_loss_name = self.base_loss
         # gathering the (sum-reduced) base loss too keeps its balance with the gathered CLML term equal to
         # the single-process (reference DataParallel) balance
-        base_kwargs.setdefault("gather", gather)
+        base_kwargs = {"gather": self.gather, **(self.base_kwargs or {})}
         self.base = base_cls(
-            num_classes=num_classes, feature_dim=feature_dim, num_samples=num_samples, **base_kwargs
+            num_classes=self.num_classes,
+            feature_dim=self.feature_dim,
+            num_samples=self.num_samples,
+            **base_kwargs,
         )
 
     def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:

@@ -180,34 +180,17 @@ class _ProjectedContrastive(LossPlugin):
     head = "linear"
     unknown_policy = "treated as negative (never a positive, BCE target 0)"
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int,
-        head_kwargs: dict[str, Any] | None,
-        gather: bool,
-        proj_dims: Sequence[int],
-        proj_norm: str,
-        proj_dropout: float,
-        cls_weight: float,
-        con_weight: float,
-        classify_views: str,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        if classify_views not in ("first", "all"):
-            raise ValueError(f"classify_views must be 'first' or 'all', got {classify_views!r}")
-        self.projector = build_projector(feature_dim, list(proj_dims), proj_norm, proj_dropout)
-        self.cls_weight = float(cls_weight)
-        self.con_weight = float(con_weight)
-        self.classify_views = classify_views
+    hyperparams_as_keywords = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        """``LossPlugin``'s keywords (num_classes, feature_dim, ...) plus the declared hyper-parameters."""
+        super().__init__(**kwargs)  # checks the hyper-parameters and sets them as attributes
+        dims = self.projector_dims()
+        self.projector = build_projector(self.feature_dim, dims, self.proj_norm, self.proj_dropout)
+
+    def projector_dims(self) -> list[int]:
+        """Widths of the projector's linear layers: ``proj_dims``, or the reference's when it is null."""
+        raise NotImplementedError
 
     def project(self, features: Tensor) -> Tensor:
         """L2-normalised projections ``[N, D]`` of pooled features ``[N, F]``."""
@@ -259,47 +242,9 @@ class SupCon(_ProjectedContrastive):
         **_JOINT,
     }
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        temperature: float = 0.07,
-        base_temperature: float = 0.07,
-        contrast_mode: str = "all",
-        positive_rule: str = "exact",
-        proj_dims: Sequence[int] | None = None,
-        proj_norm: str = "none",
-        proj_dropout: float = 0.0,
-        cls_weight: float = 1.0,
-        con_weight: float = 1.0,
-        classify_views: str = "first",
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-            # reference "mlp" head: Linear(F, F) + ReLU + Linear(F, 128)
-            proj_dims=[feature_dim, 128] if proj_dims is None else proj_dims,
-            proj_norm=proj_norm,
-            proj_dropout=proj_dropout,
-            cls_weight=cls_weight,
-            con_weight=con_weight,
-            classify_views=classify_views,
-        )
-        if positive_rule not in ("exact", "any", "simclr"):
-            raise ValueError(f"positive_rule must be 'exact', 'any' or 'simclr', got {positive_rule!r}")
-        if contrast_mode not in ("all", "one"):
-            raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
-        self.temperature = float(temperature)
-        self.base_temperature = float(base_temperature)
-        self.contrast_mode = contrast_mode
-        self.positive_rule = positive_rule
+    def projector_dims(self) -> list[int]:
+        # reference "mlp" head: Linear(F, F) + ReLU + Linear(F, 128)
+        return [self.feature_dim, 128] if self.proj_dims is None else list(self.proj_dims)
 
     def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
         views = int(ctx.num_views)
@@ -348,64 +293,30 @@ class MulSupCon(_ProjectedContrastive):
         "weighting": Choice("mean", "mean", "per_sample"),
         "queue_size": Int(256, ge=0),
         "momentum": Float(0.999, ge=0, le=1),
-        "proj_dims": List(None, item="int", ge=1, nullable=True),
+        # null = the reference widths [256, 256]
+        "proj_dims": List([256, 256], item="int", ge=1, nullable=True),
         "proj_norm": Choice("bn", "bn", "none"),
         "proj_dropout": Float(0.1, ge=0, lt=1),
         **_JOINT,
     }
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        temperature: float = 0.1,
-        weighting: str = "mean",
-        queue_size: int = 256,
-        momentum: float = 0.999,
-        proj_dims: Sequence[int] | None = None,
-        proj_norm: str = "bn",
-        proj_dropout: float = 0.1,
-        cls_weight: float = 1.0,
-        con_weight: float = 1.0,
-        classify_views: str = "first",
-    ) -> None:
-        # reference: Linear(F, 256) + BN + ReLU + Dropout(0.1) + Linear(256, 256)
-        dims = [256, 256] if proj_dims is None else [int(d) for d in proj_dims]
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-            proj_dims=dims,
-            proj_norm=proj_norm,
-            proj_dropout=proj_dropout,
-            cls_weight=cls_weight,
-            con_weight=con_weight,
-            classify_views=classify_views,
-        )
-        if weighting not in ("mean", "per_sample"):
-            raise ValueError(f"weighting must be 'mean' or 'per_sample', got {weighting!r}")
-        if queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        self.temperature = float(temperature)
-        self.weighting = weighting
-        self.queue_size = int(queue_size)
-        self.momentum = float(momentum)
-
+    def __init__(self, **kwargs: Any) -> None:
+        """The base keywords and hyper-parameters; then the key projector and the (empty) queue."""
+        super().__init__(**kwargs)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.key_backbone: nn.Module | None = None
         # plain tuple so the online backbone is not registered (and saved) a second time here
         self._online: tuple[nn.Module, ...] = ()
-        out_dim = dims[-1] if dims else feature_dim
+        dims = self.projector_dims()
+        out_dim = dims[-1] if dims else self.feature_dim
         self.register_buffer("queue_keys", torch.zeros(self.queue_size, out_dim))
-        self.register_buffer("queue_labels", torch.zeros(self.queue_size, num_classes, dtype=torch.int8))
+        self.register_buffer("queue_labels", torch.zeros(self.queue_size, self.num_classes, dtype=torch.int8))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    def projector_dims(self) -> list[int]:
+        # reference: Linear(F, 256) + BN + ReLU + Dropout(0.1) + Linear(256, 256)
+        return [256, 256] if self.proj_dims is None else list(self.proj_dims)
 
     # ---------------------------------------------------------------- key encoder
     def attach(self, model: nn.Module) -> None:

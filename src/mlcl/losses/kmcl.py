@@ -465,68 +465,22 @@ class KMCL(LossPlugin):
         "init": Choice("reference", "reference", "default"),
     }
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        loss_case: str = "anisotropic",
-        gamma_neg: float = 4.0,
-        gamma_pos: float = 0.0,
-        clip: float = 0.05,
-        eps: float = 1e-7,
-        temperature: float = 0.17,
-        detach_focal_weight: bool = True,
-        loss_opt: str = "all",
-        unknown: str = "negative",
-        aniso_dim_scale: bool = True,
-        sd_eps: float = 1.4901161193847656e-08,
-        gauss_floor: float = 1.17549e-38,
-        log_eps: float = 1e-7,
-        asl_weight: float = 1.0,
-        rec_weight: float = 1.0,
-        kmcl_weight: float = 1.0,
-        impl: str = "fast",
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
+    hyperparams_as_keywords = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        """``LossPlugin``'s keywords (num_classes, feature_dim, ...) plus the declared hyper-parameters."""
+        super().__init__(**kwargs)  # checks the hyper-parameters and sets them as attributes
         head_case = self.head_kwargs["loss_case"]
-        if head_case != loss_case:
+        if head_case != self.loss_case:
             raise ValueError(
-                f"KMCL: loss.loss_case={loss_case!r} does not match loss.head_kwargs.loss_case="
+                f"KMCL: loss.loss_case={self.loss_case!r} does not match loss.head_kwargs.loss_case="
                 f"{head_case!r}; the kernel head and the loss must use the same loss case"
             )
-        if loss_case not in _LOSS_CASES:
-            raise ValueError(f"loss.loss_case must be one of {_LOSS_CASES}, got {loss_case!r}")
-        self.loss_kwargs: dict[str, Any] = dict(
-            loss_case=loss_case,
-            gamma_neg=float(gamma_neg),
-            gamma_pos=float(gamma_pos),
-            clip=float(clip),
-            eps=float(eps),
-            temperature=float(temperature),
-            detach_focal_weight=bool(detach_focal_weight),
-            loss_opt=str(loss_opt),
-            unknown=str(unknown),
-            aniso_dim_scale=bool(aniso_dim_scale),
-            sd_eps=float(sd_eps),
-            gauss_floor=float(gauss_floor),
-            log_eps=float(log_eps),
-            asl_weight=float(asl_weight),
-            rec_weight=float(rec_weight),
-            kmcl_weight=float(kmcl_weight),
-            impl=str(impl),
-            chunk_size=None if chunk_size is None else int(chunk_size),
-        )
+
+    @property
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keywords of :func:`kmcl_loss`: every declared hyper-parameter, as currently set."""
+        return {name: getattr(self, name) for name in self.hyperparams}
 
     def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
         """Loss terms on head outputs; keys ``loss``, ``asl``, ``rec``, ``kmcl``."""
@@ -540,4 +494,4 @@ class KMCL(LossPlugin):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, loss_case={self.loss_kwargs['loss_case']}"
+        return f"{super().extra_repr()}, loss_case={self.loss_case}"

@@ -349,60 +349,20 @@ class MulCon(LossPlugin):
         "layer_norm": Bool(True),
     }
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        feature_dim: int,
-        num_samples: int = 0,
-        head_kwargs: dict[str, Any] | None = None,
-        gather: bool = False,
-        temperature: float = 0.2,
-        base_temperature: float = 0.2,
-        bce_weight: float = 1.0,
-        con_weight: float = 0.5,
-        denominator_size: int = 0,
-        proj_dim: int = 128,
-        proj_hidden: int = 1024,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            feature_dim=feature_dim,
-            num_samples=num_samples,
-            head_kwargs=head_kwargs,
-            gather=gather,
-        )
-        # Validate the hyper-parameters now rather than at the first step.
-        _check_inputs(
-            torch.zeros(1, 1, 1),
-            torch.zeros(1, 1),
-            torch.zeros(1, 1),
-            temperature,
-            base_temperature,
-            bce_weight,
-            con_weight,
-            denominator_size,
-            chunk_size,
-        )
-        self.temperature = float(temperature)
-        self.base_temperature = float(base_temperature)
-        self.bce_weight = float(bce_weight)
-        self.con_weight = float(con_weight)
-        self.denominator_size = int(denominator_size)
-        self.chunk_size = chunk_size
+    hyperparams_as_keywords = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        """``LossPlugin``'s keywords (num_classes, feature_dim, ...) plus the declared hyper-parameters."""
+        super().__init__(**kwargs)  # checks the hyper-parameters and sets them as attributes
         # Stage one has no projector at all, so DDP never sees unused parameters.
-        self.projector = ProjectionHead(feature_dim, proj_hidden, proj_dim) if self.con_weight > 0 else None
+        self.projector = (
+            ProjectionHead(self.feature_dim, self.proj_hidden, self.proj_dim) if self.con_weight > 0 else None
+        )
 
     def _loss_kwargs(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "base_temperature": self.base_temperature,
-            "bce_weight": self.bce_weight,
-            "con_weight": self.con_weight,
-            "denominator_size": self.denominator_size,
-            "chunk_size": self.chunk_size,
-        }
+        """Keywords of :func:`mulcon_loss`: the hyper-parameters except the projector's widths."""
+        projector = ("proj_dim", "proj_hidden")
+        return {name: getattr(self, name) for name in self.hyperparams if name not in projector}
 
     def forward(self, outputs: dict[str, Tensor], targets: Tensor, ctx: LossContext) -> dict[str, Tensor]:
         embeddings, logits = outputs["embeddings"], outputs["logits"]
