@@ -199,15 +199,18 @@ def test_loop_quick_end_to_end(capsys, tmp_path):
     assert "1-minute load average while it ran" in text
     table = text[text.index("| model | loop |") : text.index("### Targets")]
     rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in table.strip().splitlines()[2:]]
-    variants = [(r[0].split(":")[0].split(" ")[0], r[1], r[2]) for r in rows]
+    # what `auto` chooses depends on the machine's cores and load: only its form is fixed here
+    variants = [
+        (r[0].split(":")[0].split(" ")[0], r[1], re.sub(r"auto → \d+$", "auto → n", r[2])) for r in rows
+    ]
     assert variants == [
         ("default", "bare", "1"),
-        ("default", "mlcl", "auto → 1"),
+        ("default", "mlcl", "auto → n"),
         ("default", "mlcl", "1"),
         ("default", "bare (+1 busy processes)", "best → 1"),
-        ("default", "mlcl (+1 busy processes)", "auto → 1"),
+        ("default", "mlcl (+1 busy processes)", "auto → n"),
         ("yeast", "bare", "1"),
-        ("yeast", "mlcl", "auto → 1"),
+        ("yeast", "mlcl", "auto → n"),
     ]
     for r in rows:
         assert float(r[3]) > 0, r  # every run finished (no error, no skip)
