@@ -74,7 +74,7 @@ def cores_available(affinity: int | None = None, quota: float | None = None) -> 
     return float(min(affinity, quota)) if quota else float(affinity)
 
 
-def _busy_and_own() -> tuple[float, float, float] | None:
+def cpu_snapshot() -> tuple[float, float, float] | None:
     """(wall clock, busy CPU seconds of the machine, CPU seconds of this process and its children)."""
     try:
         with open("/proc/stat") as fh:
@@ -89,11 +89,11 @@ def _busy_and_own() -> tuple[float, float, float] | None:
 
 def other_busy_cores(window_s: float = 0.2) -> float:
     """Cores other processes used over the next ``window_s`` seconds (0 where /proc/stat is missing)."""
-    start = _busy_and_own()
+    start = cpu_snapshot()
     if start is None:
         return 0.0
     time.sleep(window_s)
-    end = _busy_and_own()
+    end = cpu_snapshot()
     if end is None:
         return 0.0
     return max(0.0, (end[1] - start[1]) - (end[2] - start[2])) / max(end[0] - start[0], 1e-9)

@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
-from mlcl.bench.measure import _cpu_snapshot, background_load
+from mlcl.bench.measure import background_load
+from mlcl.threads import cpu_snapshot
 
 FIRST_STEP_MARK = "MLCL_BENCH_FIRST_STEP"
 
@@ -123,22 +124,15 @@ def compose(overrides: Sequence[str]) -> Any:
 def hydra_job(cfg: Any, run_dir: Path) -> Iterator[Any]:
     """Make ``cfg`` the current Hydra job writing into ``run_dir`` (as ``hydra.main`` does) and yield the
     task config; the previous Hydra state comes back afterwards."""
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
+
+    from mlcl.stages import hydra_runtime
 
     cfg = copy.deepcopy(cfg)
     with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = str(run_dir.resolve())
-    hc = HydraConfig.instance()
-    previous = hc.cfg
-    hc.set_config(cfg)
-    try:
-        task = copy.deepcopy(cfg)
-        with read_write(task), open_dict(task):
-            del task["hydra"]
+    with hydra_runtime(cfg) as task:
         yield task
-    finally:
-        hc.cfg = previous
 
 
 def run_overrides(case: LoopCase, quick: bool) -> list[str]:
@@ -235,7 +229,7 @@ def run_mlcl(overrides: Sequence[str], setting: str, workdir: Path, max_s: float
         cfg = compose([*overrides, f"trainer.threads={setting}", clock])
         StepClock.last, StepClock.max_s = None, max_s
         with _quiet(), hydra_job(cfg, run_dir) as task:
-            start = _cpu_snapshot()
+            start = cpu_snapshot()
             train.run(task)
             timing.background = background_load(start)
         sc = StepClock.last
@@ -319,7 +313,7 @@ def run_bare(bs: BareSetup, threads: int, max_s: float = math.inf) -> Timing:
         n, b = bs.inputs.shape[0], bs.dm.batch_size
         gen = torch.Generator().manual_seed(int(bs.cfg.seed))
         step = 0
-        start = _cpu_snapshot()
+        start = cpu_snapshot()
         t0, cpu0 = time.perf_counter(), _cpu()
         for epoch in range(bs.epochs):
             module.loss_fn.on_train_epoch_start(epoch)

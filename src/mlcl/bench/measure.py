@@ -28,6 +28,7 @@ import torch
 from mlcl.bench.budget import Budget
 from mlcl.bench.cases import Case, Prepared, Setup, _find_case
 from mlcl.bench.report import _fmt_mib, _fmt_ms
+from mlcl.threads import cpu_snapshot
 
 _CASE_MARK = "MLCL_BENCH_CASE "
 
@@ -72,19 +73,6 @@ _RETRY_MAX_S = 15.0
 _MIN_WINDOW_S = 0.3
 
 
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process and children)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
-
-
 def background_load(start: tuple[float, float, float] | None) -> float | None:
     """Average number of cores other processes (and the hypervisor: steal) used since ``start``.
 
@@ -95,7 +83,7 @@ def background_load(start: tuple[float, float, float] | None) -> float | None:
     elapsed = time.perf_counter() - start[0]
     if elapsed < _MIN_WINDOW_S:
         time.sleep(_MIN_WINDOW_S - elapsed)
-    end = _cpu_snapshot()
+    end = cpu_snapshot()
     if end is None:
         return None
     return max(0.0, (end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0])
@@ -247,7 +235,7 @@ def _measure_row(
         row.inputs = prep.inputs
         best: tuple[bool, float] | None = None
         for attempt in range(retries + 1):
-            start = _cpu_snapshot()
+            start = cpu_snapshot()
             times, value = time_calls(prep, calls, warmup if attempt == 0 else min(warmup, 1), s.device)
             took = time.perf_counter() - start[0] if start else 0.0
             load = background_load(start)

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from mlcl.bench.budget import Budget
 from mlcl.bench.cases import coco_targets, plugin_views
 from mlcl.bench.cli_args import _check_device, _common, _loss_list, _nonneg_int, _positive_int
-from mlcl.bench.measure import BUSY_CORES, _cpu_snapshot, background_load
+from mlcl.bench.measure import BUSY_CORES, background_load
 from mlcl.bench.report import _emit, _escape, _fmt_ms, _footer, machine_info
 from mlcl.losses.base import get_loss_class, list_losses
+from mlcl.threads import cpu_snapshot
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -199,7 +200,7 @@ def _train_one(name: str, views: int, args: argparse.Namespace, extra: dict[str,
             enable_model_summary=False,
             callbacks=[StepTimer()],
         )
-        start = _cpu_snapshot()
+        start = cpu_snapshot()
         trainer.fit(module, train_dataloaders=loader)
         row.background = background_load(start)
         row.skipped = int(module.skipped_steps)
