@@ -17,7 +17,7 @@ TINY = [
     "--batch-size", "8", "--num-classes", "5", "--feature-dim", "16", "--kmcl-aniso-dim", "8",
     "--kmcl-iso-dim", "16", "--clml-dim", "16", "--mulcon-dim", "8", "--supcon-dim", "8",
     "--mulsupcon-dim", "8", "--queue", "8", "--calls", "2", "--warmup", "1", "--threads", "1",
-    "--retries", "0",
+    "--retries", "0", "--no-diagnostics",
 ]  # fmt: skip
 
 
@@ -298,3 +298,17 @@ def test_train_rows_left_when_the_budget_is_spent_are_marked(capsys):
     assert [r[0] for r in rows] == ["bce", "bce (baseline)", "supcon"]
     assert all(r[3].startswith("error: skipped: time budget 0 s") for r in rows), rows
     assert "(budget 0 s)" in out
+
+
+def test_diagnostics_table_rows_and_budget(monkeypatch):
+    from mlcl.bench.budget import Budget
+    from mlcl.bench.cli import diagnostics_table
+    from mlcl.diagnostics import bench as dbench
+
+    fake = [{"name": "alignment + uniformity", "rows": 10, "shape": "[10, 4]", "seconds": 1.234}]
+    monkeypatch.setattr(dbench, "bench_rows", lambda device: fake)
+    text = diagnostics_table("cpu", Budget(None))
+    assert "| alignment + uniformity | [10, 4] | 1.23 |" in text
+    ticks = iter([0.0])  # started at 0, every later reading at 299 s of a 300 s budget
+    spent = diagnostics_table("cpu", Budget(300.0, clock=lambda: next(ticks, 299.0)))
+    assert "skipped" in spent and "alignment" not in spent

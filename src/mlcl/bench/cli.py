@@ -74,6 +74,9 @@ def _loss_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the batch-size scaling table")
     p.add_argument(
+        "--no-diagnostics", action="store_true", help="skip the representation diagnostics table (10k rows)"
+    )
+    p.add_argument(
         "--scaling-batches",
         type=_int_list,
         default=[64, 256, 1024],
@@ -197,11 +200,31 @@ def _bench_losses(argv: Sequence[str]) -> int:
             "\n\n" + scaling_table(scaled)
         )
         notes += _notes(scaled)
+    if not args.no_diagnostics:
+        text += "\n\n" + diagnostics_table(setup.device, budget)
     if notes:
         text += "\n\nNotes (`~` = measured in this process, approximate):\n" + "\n".join(dict.fromkeys(notes))
     text += _footer(started, budget)
     _emit(text, args.out)
     return 0
+
+
+# what the diagnostics take on 10k rows, idle 2-core CPU: about 20 s (most of it retrieval over all rows)
+_DIAGNOSTICS_COST_S = 30.0
+
+
+def diagnostics_table(device: str, budget: Budget) -> str:
+    """The representation diagnostics (``diagnostics=embeddings``) timed on 10k synthetic test rows, or a
+    line saying they were skipped when the time budget has no room left for them."""
+    head = "### Representation diagnostics (`diagnostics=embeddings`, 10,000 test rows)\n\n"
+    if not budget.allows(_DIAGNOSTICS_COST_S):
+        return head + f"skipped: {budget.text()} leaves no room for them (about {_DIAGNOSTICS_COST_S:g} s)"
+    from mlcl.diagnostics.bench import bench_rows
+
+    rows = bench_rows(device=device)
+    lines = ["| diagnostic | inputs | wall time (s) |", "|---|---|---:|"]
+    lines += [f"| {r['name']} | {r['shape']} | {r['seconds']:.2f} |" for r in rows]
+    return head + "\n".join(lines)
 
 
 @cli.guard
