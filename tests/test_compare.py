@@ -255,3 +255,12 @@ def test_no_runs_is_an_error(tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     assert compare.main([str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith("mlcl-compare: error: no metrics.json below")
+
+
+def test_direction_of_each_metric():
+    from mlcl.compare.stats import higher_is_better
+
+    for metric in ("test.mAP", "test.CF1", "representation.probe_mAP", "representation.retrieval_wAP@10"):
+        assert higher_is_better(metric), metric
+    for metric in ("test.bce", "train.loss", "representation.alignment", "representation.label_uniformity"):
+        assert not higher_is_better(metric), metric

@@ -221,7 +221,12 @@ def write_report(
             "Test-split embeddings (`diagnostics=embeddings`).",
             "",
         ]
-        lines += [method_table(df, rep, column, None), ""]
+        for value in sorted(df[column].dropna().unique()):  # one table per condition: metrics as columns
+            sub = df[df[column] == value]
+            table = compare.render(compare.build_table(sub, rep, ["method"]), "markdown")
+            table = table.replace("representation.", "")
+            lines += [f"{column}={value:g}:" if isinstance(value, float) else f"{column}={value}:", ""]
+            lines += [table, ""]
         pictures = _embedding_pictures(df, column)
         if pictures:
             from mlcl.diagnostics import embedding_grid

@@ -80,6 +80,7 @@ def paired(x: pd.Series, base: pd.Series) -> Paired:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Losses and BCE are minimised; every other metric (mAP, F1, ...) is maximised."""
+    """Losses, BCE, and the alignment / uniformity of embeddings (Wang & Isola: lower is better) are
+    minimised; every other metric (mAP, F1, retrieval, ...) is maximised."""
     name = metric.rsplit(".", 1)[-1].lower()
-    return not (name.endswith("loss") or name.endswith("bce"))
+    return not name.endswith(("loss", "bce", "alignment", "uniformity"))
