@@ -264,3 +264,26 @@ def test_direction_of_each_metric():
         assert higher_is_better(metric), metric
     for metric in ("test.bce", "train.loss", "representation.alignment", "representation.label_uniformity"):
         assert not higher_is_better(metric), metric
+
+
+def test_default_grouping_with_keys_some_runs_lack(tmp_path):
+    """Multi-stage methods add config keys the others lack: runs are still grouped by what they set."""
+    import json
+
+    import yaml
+
+    from mlcl.compare import default_group_keys, load_runs
+
+    for i, (method, extra) in enumerate(
+        [("bce", {}), ("bce", {}), ("mulcon", {"init_modules": "backbone,head"})]
+    ):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "metrics.json").write_text(
+            json.dumps({"run": {"method": method, "seed": i}, "test": {"mAP": 50.0}})
+        )
+        (d / "config.yaml").write_text(yaml.safe_dump({"method_name": method, "seed": i, "lr": 0.1, **extra}))
+    df = load_runs(tmp_path)
+    keys = default_group_keys(df)
+    groups = df.groupby(df[keys].map(str).agg("|".join, axis=1)).size().sort_values().tolist()
+    assert groups == [1, 2]  # bce's two seeds together, mulcon apart

@@ -49,18 +49,18 @@ def _labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     """One hashable label per run for the tuple of ``keys`` (NaN and lists compare as text)."""
     if not keys:
         return pd.Series(["all"] * len(df), index=df.index)
-    return df[keys].astype(str).agg("\x1f".join, axis=1)
+    return df[keys].map(str).agg("\x1f".join, axis=1)
 
 
 def _varies(df: pd.DataFrame, key: str) -> bool:
-    return df[key].astype(str).nunique() > 1
+    return df[key].map(str).nunique() > 1
 
 
 def _seed_derived(df: pd.DataFrame, key: str) -> bool:
     """Equal to the seed in every run (e.g. ``data.seed: ${seed}``): part of the seed, not a setting."""
     if "seed" not in df.columns:
         return False
-    return bool((df[key].astype(str) == df["seed"].astype(str)).all())
+    return bool((df[key].map(str) == df["seed"].map(str)).all())
 
 
 def candidate_keys(df: pd.DataFrame) -> list[str]:

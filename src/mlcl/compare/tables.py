@@ -58,11 +58,11 @@ def _matches(series: pd.Series, value: Any) -> pd.Series:
     try:
         target = float(value)
     except (TypeError, ValueError):
-        return series.astype(str) == str(value)
+        return series.map(str) == str(value)
     num = pd.to_numeric(series, errors="coerce")
     if num.notna().all():
         return (num - target).abs() <= 1e-12 * max(1.0, abs(target))
-    return series.astype(str) == str(value)
+    return series.map(str) == str(value)
 
 
 def _sorted_values(series: pd.Series) -> list[Any]:
@@ -186,7 +186,7 @@ def _paired_cells(
     mask = _matches(df[key], value)
     for k in row_keys:
         if k != key:
-            mask &= df[k].astype(str) == str(first[k])
+            mask &= df[k].map(str) == str(first[k])
     if columns is not None and columns != key:
         mask &= _matches(df[columns], condition)
     base_runs = df[mask]
