@@ -131,12 +131,6 @@ def _refuse_if_taken(run_dir: Path, where: str, check: bool = True) -> None:
         )
 
 
-def ensure_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
-    """Refuse to start a run in a directory that already holds results (never overwrite them)."""
-    if not resume:
-        _refuse_if_taken(Path(run_dir), "hydra.run.dir")
-
-
 def redirect_hydra_output(run_dir: Path) -> None:
     """Point Hydra's ``runtime.output_dir`` (and so ``${paths.output_dir}``) at ``run_dir``."""
     from hydra.core.hydra_config import HydraConfig
