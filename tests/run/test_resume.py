@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 # 256 training mosaics / batch 64 = 4 steps per epoch, 12 steps; checkpoints at steps 4, 8, 12
 TINY = [
     "data.source.sizes={train:256,val:64,test:64}",
+    "data.batch_size=64",  # explicit: the kill points below assume 4 steps per epoch
     "trainer.max_epochs=3",
     "trainer.deterministic=true",
     "progress_bar=false",
@@ -83,6 +84,9 @@ def train_killed(args: list[str], rng: random.Random) -> tuple[str, int]:
     assert proc.returncode == -9, (
         f"not killed at {during} step {step}: rc={proc.returncode}\n{proc.stderr[-2000:]}"
     )
+    run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
+    # a kill before the first checkpoint would test a fresh start, not a resume
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), f"no checkpoint before the kill at {during} step {step}"
     return during, step
 
 
