@@ -160,6 +160,7 @@ def test_split_overrides():
             "~stages.s2.e",
             "ckpt_path=last",
             "hydra.x=1",
+            "+stages.s1._shared_=true",  # stage metadata: read from the job's stages node, not a value
         ],
         ["s1", "s2"],
     )
@@ -454,3 +455,64 @@ def test_yeast_protocol_checkpoint_choices(yeast_dir, tmp_path):
     assert sel["val_mAP"]["mAP"] == pytest.approx(res["test"]["mAP"], abs=1e-3)
     assert sel["dev_loss"]["yeast.mAP"] == pytest.approx(sel["dev_loss"]["mAP"], abs=1e-3)
     assert {f"yeast.{k}" for k in ("HA", "ebF1", "miF1", "maF1", "p_at_1")} <= set(sel["dev_loss"])
+
+
+# --------------------------------------------------------------------------- stages shared by a sweep's jobs
+def test_shared_stage_key_ignores_the_job_but_not_the_training(tmp_path):
+    from mlcl.stage_share import stage_key
+
+    def key(ovs, run_dir):
+        return stage_key(stage_cfg(["method=yeast_mulsupcon", *ovs], "pretrain", run_dir, {"seed": 0}))
+
+    base = key(["seed=1"], tmp_path / "a")
+    # another fine-tune seed (pre-training is fixed to seed 0), another job directory: the same training
+    assert key(["seed=2"], tmp_path / "b") == base
+    assert key(["seed=1", "ckpt_path=last"], tmp_path / "c") == base
+    # anything that changes the pre-training's config: another stage
+    assert key(["seed=1", "+stages.pretrain.optimizer.lr=1e-3"], tmp_path / "a") != base
+    assert key(["seed=1", "data.batch_size=16"], tmp_path / "a") != base
+
+
+@pytest.mark.slow
+def test_sweep_trains_a_shared_stage_once(tmp_path):
+    from mlcl.compare.load import find_results
+
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        ["-m", "method=mulsupcon", "seed=0,1", "data=digits_quick", *SMALL[:4],
+         "data.source.sizes.train=64", "trainer.max_epochs=1", "progress_bar=false", "logger=none",
+         "+stages.pretrain._shared_=true", "+stages.pretrain._fixed_.seed=0",
+         "+stages.pretrain.data.augment.max_shift=1", f"hydra.sweep.dir={sweep}"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = sorted((sweep / "_shared_stages").glob("mulsupcon.pretrain-*"))
+    assert len([d for d in shared if d.is_dir()]) == 1, shared
+    pre = next(d for d in shared if d.is_dir())
+    jobs = [json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1")]
+    assert [j["run"]["seed"] for j in jobs] == [0, 1]
+    for job in jobs:  # both fine-tunings start from the one pre-training
+        assert job["stages"]["pretrain"]["run"]["run_dir"] == str(pre)
+        assert job["run"]["init_ckpt"] == str(pre / "checkpoints" / "last.ckpt")
+    assert not (sweep / "0" / "stages" / "pretrain").exists()
+    assert not (sweep / "1" / "stages" / "pretrain").exists()
+    # trained once: one training log in its directory, and the second job says it reused it
+    pre_log = (pre / "train.log").read_text()
+    assert pre_log.count("starting from scratch") == 1 and pre_log.count("epoch 1/1 ") == 1
+    assert "stage pretrain finished, skipped" in (sweep / "1" / "train.log").read_text()
+    assert "stage pretrain finished, skipped" not in (sweep / "0" / "train.log").read_text()
+    # the shared stage is part of the jobs, not a run of the sweep
+    assert sorted(p.parent.name for p in find_results(sweep)) == ["0", "1"]
+
+
+def test_shared_stage_lock_excludes_a_second_holder(tmp_path):
+    import fcntl
+
+    from mlcl.stage_share import locked
+
+    run_dir = tmp_path / "_shared_stages" / "m.pretrain-abc"
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    with locked(run_dir):
+        with open(lock, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another job of the sweep must wait
+    with open(lock, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the holder is done

@@ -14,6 +14,7 @@ A stage node (``stages.<name>``) holds config values for that stage plus three r
     _init_: {stage: stage1, ckpt: best, key: stage1_ckpt}   # initialise from an earlier stage's checkpoint
     _select_: {dev_loss: best_dev_loss.ckpt}      # extra checkpoints of this stage to test afterwards
     _fixed_: {seed: 0}                            # values no command-line override changes
+    _shared_: true                                # run once per sweep, not per job (mlcl.stage_share)
 
 Precedence, lowest first: train.yaml defaults < the stage's ``_groups_`` < the stage's values < the
 job's command-line overrides (every stage) < command-line overrides naming the stage
@@ -37,12 +38,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mlcl import runs
+from mlcl import runs, stage_share
 from mlcl.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RESERVED = ("_groups_", "_init_", "_select_", "_fixed_")
+RESERVED = ("_groups_", "_init_", "_select_", "_fixed_", "_shared_")
 _SCOPED = re.compile(r"^([+~]{0,2})stages\.([^.=~+]+)\.(.+)$")
 # job-level keys a stage must not inherit: the stage mechanism sets them per stage
 _JOB_ONLY = ("method", "ckpt_path", "hydra.")
@@ -58,6 +59,7 @@ class Stage:
     init: dict[str, Any] | None = None
     select: dict[str, str] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
+    shared: bool = False
 
 
 def method_stages(cfg: DictConfig) -> list[Stage]:
@@ -83,6 +85,7 @@ def method_stages(cfg: DictConfig) -> list[Stage]:
                 init=init,
                 select=dict(body.get("_select_") or {}),
                 fixed=dict(body.get("_fixed_") or {}),
+                shared=bool(body.get("_shared_", False)),
             )
         )
     if not stages:
@@ -94,7 +97,8 @@ def split_overrides(task: Sequence[str], names: Sequence[str]) -> tuple[list[str
     """Command-line overrides of the job -> (every stage's, ``{stage: its own}``).
 
     ``stages.<s>.key=v`` becomes ``++key=v`` for stage ``s`` (``~stages.<s>.key`` -> ``~key``); ``method=``,
-    ``ckpt_path=`` and ``hydra.*`` stay with the job.
+    ``ckpt_path=`` and ``hydra.*`` stay with the job, and so do the reserved keys
+    (``+stages.<s>._shared_=true``): Hydra already put them into the job's ``stages`` node.
     """
     shared: list[str] = []
     scoped: dict[str, list[str]] = {n: [] for n in names}
@@ -108,7 +112,8 @@ def split_overrides(task: Sequence[str], names: Sequence[str]) -> tuple[list[str
                     "command line",
                     f"use one of {list(names)}",
                 )
-            scoped[stage].append(f"~{rest}" if prefix.startswith("~") else f"++{rest}")
+            if rest.split(".", 1)[0].split("=", 1)[0] not in RESERVED:  # _init_ etc. describe the stage
+                scoped[stage].append(f"~{rest}" if prefix.startswith("~") else f"++{rest}")
             continue
         key = ov.lstrip("+~").split("=", 1)[0]
         if key in ("method", "ckpt_path") or key.startswith("hydra.") or key.startswith("hydra/"):
@@ -316,31 +321,23 @@ def _run_stages(
     done: dict[str, dict[str, Any]] = {}
     dirs: dict[str, Path] = {}
     final_cfg: DictConfig | None = None
+    sweep_dir = _sweep_dir()
     for stage in stages:
-        run_dir = job_dir / "stages" / stage.name
-        dirs[stage.name] = run_dir
         settings: dict[str, Any] = {**stage.fixed, "method_name": name, "ckpt_path": None}
         if stage.init is not None:
             src = stage.init["stage"]
             ckpt = select_checkpoint(dirs[src], done[src], str(stage.init["ckpt"]))
             settings[str(stage.init["key"])] = str(ckpt)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        finished = (run_dir / runs.RESULT_FILE).is_file() and resume
-        if resume and not finished:  # the run record's contract: resume from last.ckpt, or start afresh
-            settings["ckpt_path"] = "last"
-            if last.is_file():
-                log.info("method %s: stage %s resumes from %s", name, stage.name, last)
-        stage_cfg = compose_stage(stage, shared, scoped[stage.name], run_dir, settings)
-        if finished:
-            log.info("method %s: stage %s finished, skipped", name, stage.name)
-            res = _read(run_dir / runs.RESULT_FILE)
-        else:
-            log.info("method %s: stage %s -> %s", name, stage.name, run_dir)
-            res = runs.to_float(_run_stage(stage_cfg, run_dir))
-        if stage.select:
-            res["selections"] = _selections(stage_cfg, run_dir, stage.select)
-        done[stage.name] = res
-        final_cfg = stage_cfg
+        run_dir = job_dir / "stages" / stage.name
+        share = stage.shared and sweep_dir is not None
+        if share:
+            probe = compose_stage(stage, shared, scoped[stage.name], run_dir, settings)
+            run_dir = stage_share.shared_stage_dir(sweep_dir, name, stage.name, stage_share.stage_key(probe))
+        dirs[stage.name] = run_dir
+        with stage_share.locked(run_dir) if share else contextlib.nullcontext():
+            done[stage.name], final_cfg = _run_one(
+                stage, shared, scoped[stage.name], run_dir, settings, resume or share, name
+            )
     final = copy.deepcopy(done[stages[-1].name])
     final["run"] = {
         **final.get("run", {}),
@@ -357,6 +354,50 @@ def _run_stages(
     path = runs.write_json_new(result_file, final)
     _print_summary(final, path)
     return final
+
+
+def _sweep_dir() -> Path | None:
+    """The sweep directory of the current multirun job (None outside a multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    job_dir, subdir = Path(hc.runtime.output_dir), Path(str(hc.sweep.subdir))
+    # the job's own directory minus its subdir: ${now:...} in sweep.dir must not be re-evaluated
+    if job_dir.parts[-len(subdir.parts) :] == subdir.parts:
+        return Path(*job_dir.parts[: -len(subdir.parts)])
+    return Path(str(hc.sweep.dir))
+
+
+def _run_one(
+    stage: Stage,
+    shared: list[str],
+    scoped: list[str],
+    run_dir: Path,
+    settings: dict[str, Any],
+    resume: bool,
+    name: str | None,
+) -> tuple[dict[str, Any], DictConfig]:
+    """Run (or, when resuming, reuse or continue) one stage in ``run_dir``; its results and config."""
+    finished = (run_dir / runs.RESULT_FILE).is_file() and resume
+    settings = dict(settings)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not finished:  # the run record's contract: resume from last.ckpt, or start afresh
+        settings["ckpt_path"] = "last"
+        if last.is_file():
+            log.info("method %s: stage %s resumes from %s", name, stage.name, last)
+    stage_cfg = compose_stage(stage, shared, scoped, run_dir, settings)
+    if finished:
+        log.info("method %s: stage %s finished, skipped (results in %s)", name, stage.name, run_dir)
+        res = _read(run_dir / runs.RESULT_FILE)
+    else:
+        log.info("method %s: stage %s -> %s", name, stage.name, run_dir)
+        res = runs.to_float(_run_stage(stage_cfg, run_dir))
+    if stage.select:
+        res["selections"] = _selections(stage_cfg, run_dir, stage.select)
+    return res, stage_cfg
 
 
 def _print_summary(results: dict[str, Any], path: Path) -> None:

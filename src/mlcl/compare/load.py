@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from mlcl.compare.errors import CompareError
+from mlcl.stage_share import is_shared_result
 
 RESULT_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -67,9 +68,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def find_results(root: Path) -> list[Path]:
-    """Every top-level ``metrics.json`` below ``root`` (none nested inside another run's directory)."""
+    """Every top-level ``metrics.json`` below ``root`` (none nested inside another run's directory, none of a
+    stage shared by a sweep's jobs)."""
     root = Path(root)
-    found = sorted(root.rglob(RESULT_FILE))
+    # a stage trained once for several jobs of a sweep is part of those jobs, not a run of its own
+    found = [p for p in sorted(root.rglob(RESULT_FILE)) if not is_shared_result(p.relative_to(root))]
     dirs = {p.parent for p in found}
     keep = []
     for path in found:
