@@ -157,6 +157,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _numeric(values: Any) -> bool:
+    """Whether every value of a pandas column reads as a number."""
+    import pandas as pd
+
+    return bool(pd.to_numeric(values, errors="coerce").notna().all())
+
+
 def method_table(df: Any, metrics: list[str], column: str, baseline: str | None) -> str:
     """The paper table (rows = methods, column blocks = ``column`` values) of ``mlcl.compare``, markdown."""
     from mlcl import compare
@@ -203,8 +210,11 @@ def write_report(
         "",
     ]
     for metric in study["metrics"]:
+        if metric not in df.columns or df[metric].isna().all():
+            lines += [f"## {metric}", "", f"No finished job records `{metric}`.", ""]
+            continue
         lines += [f"## {metric}", "", method_table(df, [metric], column, study["baseline"]), ""]
-        if metric in df.columns:
+        if _numeric(df[column]) and df[column].nunique() > 1:  # a line over conditions needs a numeric axis
             plot = compare.line_plot(df, column, metric, ["method"], study_dir / f"{metric}_vs_{column}.png")
             lines += [f"![{metric} vs {column}]({plot.name})", ""]
     lines += ["## Per-class AP", ""]
@@ -287,9 +297,32 @@ def run_study(
             print(f"mlcl-study: {shlex.join(['python', *c[1:]])}", flush=True)
             status.append(subprocess.run(c, env=env).returncode)
     wall = None if report_only else time.time() - start
+    runs_dir = study_dir / RUNS
+    if not runs_dir.is_dir() or not compare_has_results(runs_dir):
+        failed = f"the multirun commands above exited with {status}" if any(status) else "nothing has run yet"
+        raise UserError(
+            f"no finished job to report on in {runs_dir} ({failed}); no report was written",
+            f"mlcl-study {study['name']}",
+            "fix the error printed above (an override the jobs refused, say) and re-run the same command"
+            if any(status)
+            else f"run `mlcl-study {study['name']}` without --report-only first",
+        )
     path = write_report(study, study_dir, cmds, wall, status, extra)
     print(f"report: {path}")
+    if any(status):  # a partial study still gets its report, but the command says that jobs failed
+        raise UserError(
+            f"some jobs of the study failed (multirun exit statuses {status}); {path} reports the finished ones",
+            f"mlcl-study {study['name']}",
+            "see the failed jobs' train.log, fix the cause and re-run the same command (finished jobs are skipped)",
+        )
     return path
+
+
+def compare_has_results(runs_dir: Path) -> bool:
+    """Whether any job below ``runs_dir`` has finished (written its ``metrics.json``)."""
+    from mlcl.compare.load import find_results
+
+    return bool(find_results(runs_dir))
 
 
 @cli.guard

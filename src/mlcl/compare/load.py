@@ -34,7 +34,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "missing_rate": ("missing.rate",),
     "tag": ("tag",),
 }
-METRIC_PREFIXES = ("test.", "val.", "representation.", "label_stats.")
+METRIC_PREFIXES = ("test.", "val.", "representation.", "label_stats.", "selections.")
 METRIC_KEYS = ("best_val", "chance_mAP")
 META_KEYS = ("run_dir", "per_class.AP", "per_class.positives")
 
@@ -91,6 +91,11 @@ def _metrics(res: dict[str, Any]) -> dict[str, Any]:
             row[f"{split}.{k}"] = _num(v)
     for k in METRIC_KEYS:
         row[k] = _num(res.get(k))
+    # test metrics of a stage's extra checkpoints (method yaml ``_select_``), e.g. selections.dev_loss.mAP
+    for name, metrics in (res.get("selections") or {}).items():
+        for k, v in (metrics or {}).items():
+            if k != "checkpoint":
+                row[f"selections.{name}.{k}"] = _num(v)
     per_class = res.get("per_class") or {}
     if per_class.get("AP"):
         row["per_class.AP"] = {str(k): _num(v) for k, v in per_class["AP"].items()}
