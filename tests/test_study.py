@@ -165,3 +165,42 @@ def test_tiny_study_writes_report_and_rerun_skips_finished_jobs(tmp_path):
     for p, t in before.items():
         if ".hydra" not in p.parts and (p.name in ("metrics.json", "config.yaml") or p.suffix == ".ckpt"):
             assert after[p] == t, p
+
+
+def test_report_reads_selections_and_skips_lines_over_a_categorical_condition(tmp_path):
+    sel = {"bce": [40.0, 42.0, 41.0], "ms": [45.0, 44.5, 46.5]}
+    for method, values in sel.items():
+        for seed, v in enumerate(values):
+            write_run(
+                tmp_path / "runs" / f"{method}_{seed}", method, 0.0, seed, v - 1.0,
+                selections={"dev_loss": {"mAP": v, "checkpoint": "/x/best_dev_loss.ckpt"}},
+            )  # fmt: skip
+            res = json.loads((tmp_path / "runs" / f"{method}_{seed}" / "metrics.json").read_text())
+            res["run"]["data"] = "yeast"
+            (tmp_path / "runs" / f"{method}_{seed}" / "metrics.json").write_text(json.dumps(res))
+    study = {
+        **sy.load_study("yeast_mulsupcon"),
+        "methods": {"bce": [], "ms": []},
+        "baseline": "bce",
+        "metrics": ["selections.dev_loss.mAP", "selections.nope.mAP"],
+    }
+    report = sy.write_report(study, tmp_path, [], 1.0, [0]).read_text()
+    table = report.split("## selections.dev_loss.mAP", 1)[1].split("##", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for method, values in sel.items():  # the selection's numbers, not test.mAP (1 lower)
+        assert f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (3)" in rows[method]
+    assert "No finished job records `selections.nope.mAP`." in report
+    assert not list(tmp_path.glob("*_vs_data.png"))  # no line over the single, non-numeric condition
+
+
+@pytest.mark.slow
+def test_study_whose_jobs_all_fail_says_so_in_one_paragraph(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "grid": {"seed": [0]}}))
+    out = tmp_path / "study"
+    proc = run_study([str(spec), "--out", str(out), "trainer.max_epochs=one"])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlcl: error: no finished job to report on") and "exited with [" in last
+    assert not (out / "report.md").exists()
