@@ -311,9 +311,11 @@ def run_study(
     print(f"report: {path}")
     if any(status):  # a partial study still gets its report, but the command says that jobs failed
         raise UserError(
-            f"some jobs of the study failed (multirun exit statuses {status}); {path} reports the finished ones",
+            f"some jobs of the study failed (multirun exit statuses {status}); "
+            f"{path} reports the finished ones",
             f"mlcl-study {study['name']}",
-            "see the failed jobs' train.log, fix the cause and re-run the same command (finished jobs are skipped)",
+            "see the failed jobs' train.log, fix the cause and re-run the same command "
+            "(finished jobs are skipped)",
         )
     return path
 

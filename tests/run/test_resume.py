@@ -86,7 +86,7 @@ def train_killed(args: list[str], rng: random.Random) -> tuple[str, int]:
     )
     run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
     # a kill before the first checkpoint would test a fresh start, not a resume
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), f"no checkpoint before the kill at {during} step {step}"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), f"no checkpoint before {during} step {step}"
     return during, step
 
 
