@@ -6,7 +6,10 @@
   removed by :func:`remove_stale_tmp` when the run is resumed.
 - :class:`RunCheckpoint` stores ``best_model_path`` and friends relative to its directory, and
   re-resolves them on load, so a copied or moved run directory resumes and tests its own
-  ``best.ckpt``.
+  ``best.ckpt``; and with ``save_last`` it rewrites ``last.ckpt`` at every checkpoint point, improved
+  or not (Lightning 2.6 rewrites it only when a top-k file was saved at the same step, which leaves
+  ``last.ckpt`` at the last improvement: a resume then repeats epochs, and a later stage that asks for
+  ``_init_.ckpt: last`` would start from stale weights).
 """
 
 from __future__ import annotations
@@ -91,6 +94,21 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def _save_last_regardless(self, trainer: Any) -> None:
+        """Write ``last.ckpt`` now unless this step was saved already or saving is off (sanity check)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_regardless(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_regardless(trainer)
 
     def _rel(self, path: str) -> str:
         if not path or not self.dirpath:

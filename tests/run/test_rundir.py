@@ -324,3 +324,23 @@ def test_other_ddp_ranks_follow_rank_zero(tmp_path: Path):
         assert runs.plan_run(taken_dir, None, env=env).run_dir == taken_dir.resolve()
     with pytest.raises(UserError):
         runs.plan_run(taken_dir, None, env={"LOCAL_RANK": "0", "SLURM_PROCID": "0"})
+
+
+@pytest.mark.parametrize("on_train_epoch_end", [False, True])
+def test_last_ckpt_holds_the_final_state_when_the_monitor_stops_improving(tmp_path: Path, on_train_epoch_end):
+    from tests import looptools
+
+    dm = looptools.datamodule()  # 24 training mosaics, batch 8: 3 steps per epoch
+    model = looptools.module(dm)
+    # "epoch" is always among the monitored candidates: with mode=min only epoch 0 is ever the best
+    cb = RunCheckpoint(
+        dirpath=tmp_path, filename="best", monitor="epoch", mode="min", save_last=True,
+        save_on_train_epoch_end=on_train_epoch_end,
+    )  # fmt: skip
+    trainer = looptools.trainer(3, callbacks=[cb], enable_checkpointing=True)
+    trainer.fit(model, dm)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert best["global_step"] == 3 and last["global_step"] == 9 == trainer.global_step
+    for key, value in model.state_dict().items():  # the weights training ended with
+        assert torch.equal(last["state_dict"][key], value), key
