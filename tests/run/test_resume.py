@@ -99,6 +99,12 @@ def assert_same_results(ref: Path, resumed: Path, where: str) -> None:
     assert b["run"]["resumed"] is True, where
     assert a["test"] == b["test"], f"test metrics differ after a kill at {where}"
     assert a["val"] == b["val"] and a["best_val"] == b["best_val"], where
+    # and the final weights themselves (last.ckpt is rewritten every epoch, improved or not)
+    last_a = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=False)
+    last_b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last_a["global_step"] == last_b["global_step"] == TOTAL_STEPS, where
+    for k, v in last_a["state_dict"].items():
+        assert torch.equal(v, last_b["state_dict"][k]), f"{k} differs after a kill at {where}"
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:
