@@ -226,6 +226,16 @@ def test_per_class_table_means_over_runs(tmp_path: Path, capsys):
     capsys.readouterr()
 
 
+def test_per_class_columns_of_class_indices_are_in_numeric_order(tmp_path: Path):
+    ap = {str(c): float(c) for c in sorted(range(12), key=str)}  # as metrics.json stores them
+    fake_run(tmp_path, "b0", loss="bce", seed=0, metrics={"mAP": 1}, per_class=ap)
+    from mlcl.compare.plots import per_class_table
+
+    table = per_class_table(compare.load_runs(tmp_path), ["loss"])
+    assert list(table.columns) == [str(c) for c in range(12)]  # not 0, 1, 10, 11, 2, ...
+    assert table.loc["bce"].tolist() == [float(c) for c in range(12)]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

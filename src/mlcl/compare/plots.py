@@ -68,7 +68,8 @@ def line_plot(df: pd.DataFrame, x: str, metric: str, line: list[str], path: Path
 
 
 def per_class_table(df: pd.DataFrame, rows: list[str]) -> pd.DataFrame:
-    """Mean test AP per class (columns, in stored order) for each value of ``rows`` (index)."""
+    """Mean test AP per class (columns: stored order, numeric order for class indices) for each value
+    of ``rows`` (index)."""
     if "per_class.AP" not in df.columns or df["per_class.AP"].isna().all():
         raise CompareError(
             "--per-class: these runs stored no per-class AP (metrics.json 'per_class'); "
@@ -77,7 +78,11 @@ def per_class_table(df: pd.DataFrame, rows: list[str]) -> pd.DataFrame:
     data = df[df["per_class.AP"].notna()]
     labels = _labels(data, rows).str.replace("\x1f", ", ")
     table = pd.DataFrame(list(data["per_class.AP"]), index=labels.to_numpy())
-    return table.groupby(level=0, sort=True).mean()
+    table = table.groupby(level=0, sort=True).mean()
+    names = [str(c) for c in table.columns]
+    if all(n.lstrip("-").isdigit() for n in names):  # class indices: 2 before 10 (JSON keys sort as text)
+        table = table[sorted(table.columns, key=lambda c: int(str(c)))]
+    return table
 
 
 def per_class_heatmap(df: pd.DataFrame, rows: list[str], path: Path) -> Path:
