@@ -84,3 +84,51 @@ def test_two_processes_share_a_study_and_a_third_invocation_resumes_it(tmp_path:
     assert complete_trials(tmp_path / "study.db", "shared") == [0, 1, 2, 3, 4]
     jobs = sorted(p.parent.name for p in tmp_path.glob("*/*/metrics.json"))
     assert len(jobs) == 5
+
+
+def test_losing_the_schema_stamp_race_to_another_process_is_harmless(tmp_path: Path, monkeypatch):
+    import alembic.migration
+    from optuna.storages import RDBStorage
+
+    from mlcl.optuna_storage import patch_rdb_storage
+
+    patch_rdb_storage()
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")  # the other process: created and stamped
+    manager = storage._version_manager
+    head = manager.get_head_version()
+    real = alembic.migration.MigrationContext.get_current_heads
+    calls = []
+
+    def read_before_the_other_process_stamped(self):  # once: then the real table is read again
+        calls.append(1)
+        return () if len(calls) == 1 else real(self)
+
+    monkeypatch.setattr(
+        alembic.migration.MigrationContext, "get_current_heads", read_before_the_other_process_stamped
+    )
+    manager._set_alembic_revision(head)  # its INSERT collides with the row already there
+    monkeypatch.undo()
+    assert len(calls) >= 2 and manager.get_current_version() == head
+    with sqlite3.connect(tmp_path / "study.db") as con:
+        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [(head,)]
+
+
+def test_new_sqlite_study_files_are_set_up_one_process_at_a_time(tmp_path: Path):
+    import fcntl
+    import threading
+
+    from optuna.storages import RDBStorage
+
+    from mlcl.optuna_storage import patch_rdb_storage
+
+    patch_rdb_storage()
+    db = tmp_path / "study.db"
+    done = threading.Event()
+    with open(f"{db}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is creating the tables
+        worker = threading.Thread(target=lambda: (RDBStorage(f"sqlite:///{db}"), done.set()))
+        worker.start()
+        assert not done.wait(1.0)  # waits for it
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(30)
+    assert done.is_set()
