@@ -516,3 +516,30 @@ def test_shared_stage_lock_excludes_a_second_holder(tmp_path):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another job of the sweep must wait
     with open(lock, "a") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the holder is done
+
+
+def test_stages_only_the_command_line_created_are_dropped():
+    def dropped(ovs):
+        cfg = compose(ovs)
+        with st.hydra_runtime(cfg) as task:
+            names = st.drop_undeclared_stages(task, ovs)
+            return names, list(task.stages) if task.get("stages") else []
+
+    # a one-stage method in a sweep with MulSupCon's stage overrides stays one-stage
+    assert dropped(["method=bce", "++stages.pretrain.loss.queue_size=64"]) == (["pretrain"], [])
+    assert dropped(["method=bce", "+stages.pretrain._shared_=true"]) == (["pretrain"], [])
+    # overrides of a stage the method has are kept, also when they add keys
+    ms = ["method=mulsupcon", "++stages.pretrain.loss.queue_size=64", "+stages.finetune.x.y=1"]
+    assert dropped(ms) == ([], ["pretrain", "finetune"])
+    # a misspelt stage never becomes an extra training stage
+    assert dropped(["method=mulsupcon", "++stages.pretrian.trainer.max_epochs=1"]) == (
+        ["pretrian"],
+        ["pretrain", "finetune"],
+    )
+    # and its override reaches no stage
+    shared, scoped = st.split_overrides(
+        ["method=mulsupcon", "++stages.pretrian.trainer.max_epochs=1", "seed=1"],
+        ["pretrain", "finetune"],
+        ["pretrian"],
+    )
+    assert shared == ["seed=1"] and scoped == {"pretrain": [], "finetune": []}

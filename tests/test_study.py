@@ -204,3 +204,14 @@ def test_study_whose_jobs_all_fail_says_so_in_one_paragraph(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mlcl: error: no finished job to report on") and "exited with [" in last
     assert not (out / "report.md").exists()
+
+
+def test_default_study_dir_is_under_the_project_root_not_the_cwd(tmp_path, monkeypatch, capsys):
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / ".mlcl-root").write_text("")
+    monkeypatch.delenv("MLCL_ROOT", raising=False)
+    monkeypatch.chdir(project / "notebooks")  # where mlcl-train would also write to project/outputs
+    sy.run_study("default_quick", dry_run=True)
+    printed = capsys.readouterr().out
+    assert f"hydra.sweep.dir={project / 'outputs' / 'studies' / 'default_quick' / 'runs'}" in printed

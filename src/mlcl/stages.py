@@ -93,12 +93,65 @@ def method_stages(cfg: DictConfig) -> list[Stage]:
     return stages
 
 
-def split_overrides(task: Sequence[str], names: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+def _drop_key(node: dict[str, Any], path: list[str]) -> None:
+    """Remove ``path`` from a nested dict, and the dicts it leaves empty."""
+    head, *rest = path
+    if head not in node:
+        return
+    if rest and isinstance(node[head], dict):
+        _drop_key(node[head], rest)
+        if node[head]:
+            return
+    del node[head]
+
+
+def drop_undeclared_stages(cfg: DictConfig, task: Sequence[str]) -> list[str]:
+    """Remove from ``cfg.stages`` the stages that only command-line overrides created; their names.
+
+    ``-m method=bce,mulsupcon ++stages.pretrain.x=1`` is meant for MulSupCon's pre-training: for
+    ``method=bce`` Hydra still creates ``stages.pretrain``, which would turn BCE into a two-stage method
+    (and a misspelt stage name into an extra training stage). Such overrides are dropped with a warning.
+    """
+    if not cfg.get("stages"):
+        return []
+    named: dict[str, list[list[str]]] = {}
+    for ov in task:
+        m = _SCOPED.match(ov)
+        if m:
+            named.setdefault(m.group(2), []).append(m.group(3).split("=", 1)[0].split("."))
+    body = OmegaConf.to_container(cfg.stages, resolve=False)
+    dropped = []
+    for name, keys in named.items():
+        rest = copy.deepcopy(body.get(name)) if isinstance(body.get(name), dict) else {}
+        for key in keys:
+            _drop_key(rest, key)
+        if not rest:
+            dropped.append(name)
+    if dropped:
+        with read_write(cfg), open_dict(cfg):
+            for name in dropped:
+                del cfg.stages[name]
+            if not cfg.stages:
+                del cfg["stages"]
+        log.warning(
+            "mlcl: warning: method %s has no stage %s; the command-line overrides naming it are ignored "
+            "in this job (stages.%s)",
+            cfg.get("method_name"),
+            ", ".join(repr(n) for n in dropped),
+            dropped[0],
+        )
+    return dropped
+
+
+def split_overrides(
+    task: Sequence[str], names: Sequence[str], dropped: Sequence[str] = ()
+) -> tuple[list[str], dict[str, list[str]]]:
     """Command-line overrides of the job -> (every stage's, ``{stage: its own}``).
 
     ``stages.<s>.key=v`` becomes ``++key=v`` for stage ``s`` (``~stages.<s>.key`` -> ``~key``); ``method=``,
     ``ckpt_path=`` and ``hydra.*`` stay with the job, and so do the reserved keys
-    (``+stages.<s>._shared_=true``): Hydra already put them into the job's ``stages`` node.
+    (``+stages.<s>._shared_=true``): Hydra already put them into the job's ``stages`` node. Overrides
+    naming a stage in ``dropped`` (see :func:`drop_undeclared_stages`) are left out.
     """
     shared: list[str] = []
     scoped: dict[str, list[str]] = {n: [] for n in names}
@@ -106,6 +159,8 @@ def split_overrides(task: Sequence[str], names: Sequence[str]) -> tuple[list[str
         m = _SCOPED.match(ov)
         if m:
             prefix, stage, rest = m.groups()
+            if stage not in scoped and stage in dropped:
+                continue  # a stage of other methods in the sweep (drop_undeclared_stages warned)
             if stage not in scoped:
                 raise UserError(
                     f"{ov!r} names stage {stage!r}, which this method does not have",
@@ -314,7 +369,9 @@ def _run_stages(
     """The stages of :func:`run_method`, in order, each initialised from its source stage."""
     result_file = job_dir / runs.RESULT_FILE
     stages = method_stages(cfg)
-    shared, scoped = split_overrides(task, [s.name for s in stages])
+    names = [s.name for s in stages]
+    dropped = sorted({m.group(2) for ov in task if (m := _SCOPED.match(ov))} - set(names))
+    shared, scoped = split_overrides(task, names, dropped)
     for stage in stages:  # compose every stage first: a typo in a later stage costs no training
         placeholder = {str(stage.init["key"]): "<earlier stage checkpoint>"} if stage.init else {}
         compose_stage(stage, shared, scoped[stage.name], job_dir / "stages" / stage.name, placeholder)

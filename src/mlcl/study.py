@@ -282,8 +282,11 @@ def run_study(
 ) -> Path | None:
     """Run the study's multiruns (unless ``report_only``) and write its report; return the report path."""
     study = load_study(name)
-    root = Path(os.environ.get("MLCL_ROOT", "."))
-    study_dir = Path(out or root / "outputs" / "studies" / study["name"]).resolve()
+    from mlcl.config.root import project_root
+
+    # the same root as every run's outputs/ (MLCL_ROOT, a marker or checkout above the cwd, the editable
+    # checkout, the cwd), so `mlcl-study` from any directory writes where `mlcl-train` does
+    study_dir = Path(out or project_root() / "outputs" / "studies" / study["name"]).resolve()
     cmds = commands(study, study_dir, extra)
     if dry_run:
         for c in cmds:

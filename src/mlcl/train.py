@@ -260,6 +260,12 @@ def _print_summary(results: dict[str, Any], path: Path) -> None:
 
 @cli.hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("stages"):  # stages of other methods of the sweep, named on the command line, go first
+        from mlcl.stages import drop_undeclared_stages
+
+        drop_undeclared_stages(
+            cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        )
     with wandb_run.job(cfg, "train"):  # one W&B run per job, finished (or marked failed) here
         if cfg.get("stages"):  # a multi-stage method (conf/method/): mlcl.stages runs its stages in this job
             from mlcl.stages import run_method
