@@ -183,6 +183,9 @@ def _reporting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a user error is reported and becomes ``SystemExit(2)``, others propagate."""
     try:
         return fn(*args, **kwargs)
+    except BrokenPipeError:  # `mlcl-train --help | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit flush
+        raise SystemExit(0) from None
     except Exception as exc:
         err = to_user_error(exc)
         if err is None:

@@ -299,3 +299,16 @@ def test_full_error_shows_traceback(tmp_path):
     assert PARAGRAPH.match(proc.stderr.strip().splitlines()[-1])
     # a config error is found before the run starts: nothing is written into the run directory
     assert not any((tmp_path / "run").glob("*"))
+
+
+@pytest.mark.slow
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlcl.train", "--help"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout.readline()  # like `mlcl-train --help | head -1`
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
