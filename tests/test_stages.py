@@ -531,6 +531,9 @@ def test_stages_only_the_command_line_created_are_dropped():
     # overrides of a stage the method has are kept, also when they add keys
     ms = ["method=mulsupcon", "++stages.pretrain.loss.queue_size=64", "+stages.finetune.x.y=1"]
     assert dropped(ms) == ([], ["pretrain", "finetune"])
+    # deleting a stage's keys (here all of them) never makes it look undeclared
+    emptied = [f"~stages.pretrain.{k}" for k in ("_groups_", "loss", "optimizer", "data")]
+    assert dropped(["method=mulsupcon", *emptied]) == ([], ["pretrain", "finetune"])
     # a misspelt stage never becomes an extra training stage
     assert dropped(["method=mulsupcon", "++stages.pretrian.trainer.max_epochs=1"]) == (
         ["pretrian"],

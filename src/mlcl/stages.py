@@ -117,7 +117,7 @@ def drop_undeclared_stages(cfg: DictConfig, task: Sequence[str]) -> list[str]:
     named: dict[str, list[list[str]]] = {}
     for ov in task:
         m = _SCOPED.match(ov)
-        if m:
+        if m and not m.group(1).startswith("~"):  # a deletion never creates a stage
             named.setdefault(m.group(2), []).append(m.group(3).split("=", 1)[0].split("."))
     body = OmegaConf.to_container(cfg.stages, resolve=False)
     dropped = []
