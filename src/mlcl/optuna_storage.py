@@ -15,6 +15,7 @@ runs before the sweeper creates the study; it is a no-op for optuna >= 3 or SQLA
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -64,10 +65,9 @@ def _serialise_sqlite_setup() -> None:
 
     Two sweeps started together on a new file otherwise race in ``CREATE TABLE`` and the schema stamp.
     """
-    import contextlib
-    import fcntl
-
     from optuna.storages import RDBStorage
+
+    from mlcl.filelock import exclusive
 
     original = RDBStorage.__init__
 
@@ -75,9 +75,7 @@ def _serialise_sqlite_setup() -> None:
         path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
         if not path or path == ":memory:":
             return original(self, url, *args, **kwargs)
-        with open(f"{path}.lock", "a") as handle, contextlib.ExitStack() as stack:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+        with exclusive(Path(f"{path}.lock")):
             return original(self, url, *args, **kwargs)
 
     RDBStorage.__init__ = __init__

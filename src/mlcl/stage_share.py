@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from mlcl.filelock import exclusive
 
 SHARED_DIR = "_shared_stages"
 # settings of the stage mechanism that name the job, not the stage's training
@@ -47,12 +48,8 @@ def shared_stage_dir(sweep_dir: Path, method: str | None, stage: str, key: str) 
 def locked(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``<run_dir>.lock`` (released when the holder ends, killed included)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_name(run_dir.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive(run_dir.with_name(run_dir.name + ".lock")):
+        yield
 
 
 def is_shared_result(path: Path) -> bool:
